@@ -1,0 +1,91 @@
+"""Tiny random models built in-process (no network): GPT-2, Llama with GQA, Gemma-3, BART."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 96
+X = torch.tensor([[10, 11, 12, 13, 14]])
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(
+        n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=128, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gemma3(sliding_window: int = 4) -> Gemma3ForCausalLM:
+    config = Gemma3TextConfig(
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+        intermediate_size=64, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128,
+        sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config).eval()
+
+
+def tiny_bart() -> BartForConditionalGeneration:
+    config = BartConfig(
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+        max_position_embeddings=128, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config).eval()
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma3": tiny_gemma3, "bart": tiny_bart}
+DECODER_ONLY = ("gpt2", "llama", "gemma3")
+
+
+class CharTokenizer:
+    """A minimal tokenizer: one id per character (ids 3..), enough for real-word init tests."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [3 + (ord(c) % (VOCAB - 3)) for c in text]}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-model tests (marked slow) run where PREFIXTUNE_SLOW=1 or in CI."""
+    import os
+
+    if os.environ.get("PREFIXTUNE_SLOW") == "1" or os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="real-model test: set PREFIXTUNE_SLOW=1 (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,171 @@
+"""Prefix injection against independent computations on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prefixtune.attention import SITE_ATTR, PrefixKV, prefixed_forward
+from prefixtune.config import ConfigError, PrefixConfig
+from prefixtune.models import enable_gradient_checkpointing
+from prefixtune.prefix import build_encoder, capture_kv, model_shapes
+
+from conftest import BUILDERS, DECODER_ONLY, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
+
+WORDS = torch.tensor([[5, 6, 7, 8]])
+X = torch.tensor([[10, 11, 12, 13, 14]])
+
+
+def logits(model, ids, mask=None, prefix=None, **kwargs):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return prefixed_forward(model, ids, mask, prefix, **kwargs).logits
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama])
+@pytest.mark.parametrize("reparam", [False, True])
+def test_real_word_prefix_equals_lm_on_words_then_x(builder, reparam, char_tokenizer):
+    model = builder()
+    reference = model(torch.cat([WORDS, X], 1)).logits[:, WORDS.shape[1] :]
+    text = "".join(chr(i - 3) for i in WORDS[0].tolist())  # CharTokenizer maps back to WORDS
+    config = PrefixConfig(length=0, init="words", init_text=text, reparam=reparam)
+    encoder = build_encoder(model, config, char_tokenizer)
+    assert encoder.config.length == WORDS.shape[1]
+    torch.testing.assert_close(logits(model, X, prefix=encoder()), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_absent_and_zero_length_prefix_equal_plain_model(name):
+    model = BUILDERS[name]()
+    plain = copy.deepcopy(model)
+    extra = {"decoder_input_ids": X} if name == "bart" else {}
+    reference = plain(input_ids=X, **extra).logits
+    build_encoder(model, PrefixConfig(length=2))  # routes attention through prefixtune
+    torch.testing.assert_close(logits(model, X, **extra), reference, atol=1e-6, rtol=0)
+    empty = {
+        k: v[:, :, :, :, :0] for k, v in build_encoder(model, PrefixConfig()).forward().kv.items()
+    }
+    out = logits(model, X, prefix=PrefixKV(empty), **extra)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_gemma3])
+def test_mixed_batch_equals_each_row_alone(builder, padding_side):
+    model = builder()
+    lengths = [3, 5, 2]  # three prefixes of different lengths
+    prefixes = [build_encoder(model, PrefixConfig(length=n, reparam=False)).bake() for n in lengths]
+    rows = [torch.tensor([9, 8, 7, 6, 5]), torch.tensor([4, 5, 6]), torch.tensor([20, 21, 22, 23])]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    order = torch.tensor([2, 0, 1])  # row i uses prefix order[i]
+    batch = logits(model, ids, mask, PrefixKV.stack(prefixes, rows=order))
+    for i, row in enumerate(rows):
+        alone = logits(model, row[None], prefix=PrefixKV.stack([prefixes[order[i]]]))
+        real = mask[i].bool()
+        torch.testing.assert_close(batch[i, real], alone[0], atol=1e-5, rtol=0)
+
+
+def test_gemma3_prefix_stays_visible_beyond_sliding_window():
+    model = tiny_gemma3(sliding_window=3)
+    encoder = build_encoder(model, PrefixConfig(length=2, reparam=False))
+    ids = torch.arange(10, 22)[
+        None
+    ]  # 12 tokens, window 3: early tokens drop out, the prefix must not
+    logits(model, ids, prefix=encoder())[0, -1].sum().backward()
+    grad = encoder.parts["self"].table.grad.view(2, 2, 2, 1, 16)  # (P, L, k/v, H, D)
+    for layer in range(2):  # layer 0 is sliding, layer 1 global
+        assert grad[:, layer].abs().sum() > 0, f"layer {layer} ignored the prefix"
+
+
+def test_words_init_on_gemma3_matches_within_window(char_tokenizer):
+    model = tiny_gemma3(sliding_window=32)  # window larger than [w; x]: plain equality holds
+    reference = model(torch.cat([WORDS, X], 1)).logits[:, WORDS.shape[1] :]
+    text = "".join(chr(i - 3) for i in WORDS[0].tolist())
+    config = PrefixConfig(length=0, init="words", init_text=text, reparam=False)
+    encoder = build_encoder(model, config, char_tokenizer)
+    torch.testing.assert_close(logits(model, X, prefix=encoder()), reference, atol=1e-5, rtol=0)
+
+
+def test_bart_each_prefix_kind_changes_output_and_can_be_switched_off():
+    model = tiny_bart()
+    extra = {"decoder_input_ids": X}
+    full = build_encoder(model, PrefixConfig(length=3, reparam=False))
+    assert set(full.shapes) == {"encoder", "decoder", "cross"}
+    base = logits(model, X, **extra)
+    kv = full().kv
+    for kind in ("encoder", "decoder", "cross"):
+        changed = logits(model, X, prefix=PrefixKV({kind: kv[kind]}), **extra)
+        assert (changed - base).abs().max() > 1e-5, f"{kind} prefix had no effect"  # noise ~1e-7
+        kinds = tuple(k for k in kv if k != kind)
+        switched_off = build_encoder(model, PrefixConfig(length=3, reparam=False, kinds=kinds))
+        assert set(switched_off().kv) == set(kinds)
+        for k in kinds:  # reuse the full prefix's tensors: the switched-off kind is simply absent
+            switched_off.parts[k].table.data.copy_(full.parts[k].table.data)
+        expected = logits(model, X, prefix=PrefixKV({k: kv[k] for k in kinds}), **extra)
+        torch.testing.assert_close(logits(model, X, prefix=switched_off(), **extra), expected)
+
+
+def test_shapes_follow_gqa_and_head_dim():
+    assert model_shapes(tiny_llama())["self"].heads == 2  # kv heads, not query heads
+    assert model_shapes(tiny_gemma3())["self"].head_dim == 16
+    shapes = model_shapes(tiny_bart())
+    assert {k: (s.layers, s.heads) for k, s in shapes.items()} == {
+        "encoder": (2, 4),
+        "decoder": (2, 4),
+        "cross": (2, 4),
+    }
+
+
+def test_capture_matches_prefix_length():
+    kv = capture_kv(tiny_llama(), WORDS)["self"]
+    assert kv.shape == (2, 2, 2, WORDS.shape[1], 8)  # (L, k/v, H_kv, P, D)
+
+
+@pytest.mark.parametrize("name", DECODER_ONLY)
+def test_gradient_checkpointing_gives_same_gradients(name):
+    model = BUILDERS[name]()
+    encoder = build_encoder(model, PrefixConfig(length=3))
+    calls = []
+    first_attention = next(m for m in model.modules() if hasattr(m, SITE_ATTR))
+    first_attention.register_forward_hook(lambda *_: calls.append(1))  # runs inside the layer
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        calls.clear()
+        encoder.zero_grad()
+        logits(model, X, prefix=encoder()).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_trains_the_prefix():
+    model = tiny_llama()
+    encoder = build_encoder(model, PrefixConfig(length=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = logits(model, X, prefix=encoder())
+    assert out.dtype == torch.bfloat16
+    out.float().logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("length", [0, -3])
+def test_bad_prefix_length_is_a_clear_error(length):
+    with pytest.raises(ConfigError, match="prefix length"):
+        PrefixConfig(length=length)
+
+
+def test_init_text_that_tokenises_to_nothing(char_tokenizer):
+    with pytest.raises(ConfigError, match="init_text"):
+        PrefixConfig(length=0, init="words", init_text="  ")
+    with pytest.raises(ConfigError, match="tokenises to no tokens"):
+        config = PrefixConfig(length=0, init="words", init_text="x")
+        build_encoder(tiny_gpt2(), config, lambda text, add_special_tokens: {"input_ids": []})
