@@ -19,18 +19,18 @@ VOCAB = 96
 X = torch.tensor([[10, 11, 12, 13, 14]])
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
+def tiny_gpt2(vocab: int = VOCAB) -> GPT2LMHeadModel:
     config = GPT2Config(
-        n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=128, bos_token_id=1,
+        n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, n_positions=128, bos_token_id=1,
         eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(vocab: int = VOCAB) -> LlamaForCausalLM:
     config = LlamaConfig(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1,
+        intermediate_size=64, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
         eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
@@ -46,10 +46,10 @@ def tiny_gemma3(sliding_window: int = 4) -> Gemma3ForCausalLM:
     return Gemma3ForCausalLM(config).eval()
 
 
-def tiny_bart() -> BartForConditionalGeneration:
+def tiny_bart(vocab: int = VOCAB) -> BartForConditionalGeneration:
     config = BartConfig(
         encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+        d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=vocab,
         max_position_embeddings=128, bos_token_id=0, eos_token_id=2, pad_token_id=1,
         decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
     )  # fmt: skip
@@ -67,6 +67,37 @@ class CharTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": [3 + (ord(c) % (VOCAB - 3)) for c in text]}
+
+
+TOKENIZER_VOCAB = 320
+
+
+def make_bpe_tokenizer():
+    """Byte-level BPE (vocab 320, <pad>=0 <s>=1 </s>=2, no BOS added) trained on the built-in
+    examples in-process; pair it with tiny models built with vocab=TOKENIZER_VOCAB."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prefixtune.data import builtin_examples
+
+    corpus = [f"{e.source}\n{e.target}" for e in builtin_examples("train")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    return make_bpe_tokenizer()
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,135 @@ class PrefixConfig:
             raise ConfigError(f"unknown prefix kinds {sorted(unknown)}")
 
 
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's table-to-text settings (section 5.2)."""
+
+    data: str = "e2e"
+    """Dataset: e2e, webnlg, dart, xsum, builtin, or a .jsonl file of {"source", "target"}."""
+    model: str = ""
+    """Base model: a hub id or local directory; empty for the embedded default (SmolLM2-135M)."""
+    method: str = "prefix"
+    """Training method: prefix, or a baseline (finetune, ft-top2, adapter, embedding, infix)."""
+    out: str = "runs/e2e"
+    """Output directory: prefix/, checkpoint/, log.jsonl, run.json."""
+    train_split: str = "train"
+    """Split to train on."""
+    dev_split: str = "dev"
+    """Split for the dev loss ('' for none)."""
+    train_size: int = 0
+    """Subsample this many training examples (0: all), deterministic given the seed."""
+    dev_size: int = 200
+    """Dev examples used for the dev loss each evaluation (0: all)."""
+    epochs: float = 10.0
+    """Passes over the training data (the paper: 10)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: as many as the epochs give)."""
+    batch_size: int = 5
+    """Examples per micro-batch (the paper: 5)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_batch_tokens: int = 0
+    """Cap rows x longest row per batch (0: no cap)."""
+    lr: float = 5e-5
+    """AdamW learning rate (the paper: 5e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay to zero."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
+    autocast: str = "auto"
+    """Compute dtype: auto (bf16 only where the hardware has native bf16), float32, bfloat16."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, more time; for long inputs)."""
+    max_source_tokens: int = 256
+    """Truncate sources to this many tokens (counted and reported)."""
+    max_target_tokens: int = 128
+    """Truncate targets to this many tokens (counted and reported)."""
+    seed: int = 0
+    """Seed for initialisation, subsampling and batch order."""
+    eval_every: int = 0
+    """Evaluate the dev loss every N steps (0: once per epoch)."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    log_every: int = 10
+    """Append a line to log.jsonl every N steps."""
+    save_dtype: str = "float32"
+    """dtype of the folded prefix artifact: float32 or bfloat16."""
+    resume: bool = False
+    """Continue from out/checkpoint if present (bit-exact)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        non_negative = ("train_size", "dev_size", "max_steps", "warmup_steps", "eval_every",
+                        "checkpoint_every", "max_batch_tokens", "grad_clip", "weight_decay")  # fmt: skip
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise ConfigError("--epochs must be > 0 (or set --max-steps)")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+
+
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"num_beams": 1, "do_sample": False},
+    "table-to-text": {"num_beams": 5, "length_penalty": 1.0},  # paper: beam 5
+    "summarization": {"num_beams": 6, "length_penalty": 0.8},  # paper: beam 6, length norm 0.8
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding settings (token ids in, token ids out)."""
+
+    max_new_tokens: int = 64
+    """Most tokens generated per input (EOS ends a row earlier)."""
+    num_beams: int = 1
+    """Beam size; 1 is greedy (or sampling with do_sample)."""
+    length_penalty: float = 1.0
+    """Beam scores are sum(log p) / length**length_penalty (the paper's length normalisation)."""
+    early_stopping: bool = True
+    """Stop a row's beam search once num_beams hypotheses are finished."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size (0: off)."""
+    do_sample: bool = False
+    """Sample instead of greedy/beam search."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability."""
+    seed: int = 0
+    """Random seed for sampling."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.max_new_tokens > 100_000:
+            raise ConfigError(f"max_new_tokens must be in 1..100000, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GenerateConfig:
+        """The paper's settings by name: 'greedy', 'table-to-text', 'summarization'."""
+        if name not in GENERATION_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(GENERATION_PRESETS)}")
+        return cls(**{**GENERATION_PRESETS[name], **overrides})
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
@@ -88,7 +217,9 @@ def load_json(path: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "ConfigError",
+    "GenerateConfig",
     "PrefixConfig",
+    "TrainConfig",
     "from_dict",
     "to_dict",
     "load_json",

@@ -1,0 +1,74 @@
+"""The training objective: log-likelihood of the target tokens only.
+
+The LM head runs only at positions whose next token is a target, so a batch never materialises
+B x T x V logits for its source part (the source is usually most of the tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from .attention import PrefixKV, position_ids_for
+from .data import IGNORE_INDEX
+from .models import is_encoder_decoder, lm_logits
+
+
+def hidden_states(
+    model: PreTrainedModel,
+    batch: dict[str, Tensor],
+    prefix_kv: PrefixKV | None = None,
+    **kwargs,
+) -> Tensor:
+    """Last hidden states (B, T, d) of the backbone (decoder side for encoder-decoders)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if is_encoder_decoder(model):
+        labels = batch["labels"]
+        start = model.config.decoder_start_token_id
+        pad = model.config.pad_token_id
+        decoder_ids = labels.new_full(labels.shape, pad)
+        decoder_ids[:, 0] = start
+        decoder_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, pad)
+        inputs["decoder_input_ids"] = decoder_ids  # (B, T_dec): labels shifted right
+        inputs["decoder_attention_mask"] = batch.get(
+            "decoder_attention_mask", (labels != IGNORE_INDEX).long()
+        )
+    else:
+        offset = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=model.device)
+        if prefix_kv is not None:
+            offset = prefix_kv.row_lengths(len(offset), model.device)
+        inputs["position_ids"] = position_ids_for(batch["attention_mask"], offset)
+    if prefix_kv is not None:
+        inputs["prefix_kv"] = prefix_kv
+    out = model.base_model(**inputs, use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def target_positions(model: PreTrainedModel, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(mask over hidden positions (B, T) that predict a target, the targets (N,))."""
+    if is_encoder_decoder(model):
+        mask = labels != IGNORE_INDEX
+        return mask, labels[mask]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # hidden t predicts token t + 1
+    return mask, labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+
+
+def target_loss(
+    model: PreTrainedModel, hidden: Tensor, labels: Tensor, *, reduction: str = "mean"
+) -> Tensor:
+    """Cross-entropy over target tokens; the LM head runs on those positions only."""
+    mask, targets = target_positions(model, labels)
+    logits = lm_logits(model, hidden[mask])  # (N, V) for the N target tokens only
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+def count_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
+    """(all real tokens trained on, target tokens) in a batch."""
+    real = int(batch["attention_mask"].sum())
+    targets = int((batch["labels"] != IGNORE_INDEX).sum())
+    if "decoder_attention_mask" in batch:
+        real += targets
+    return real, targets

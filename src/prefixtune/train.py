@@ -1,0 +1,317 @@
+"""Training: setup -> fit -> validate -> save; resume. A plain PyTorch loop.
+
+Outputs under config.out:
+    prefix/        the folded artifact (best dev loss; the last step without a dev split)
+    checkpoint/    resumable state (written every --checkpoint-every steps and at the end)
+    log.jsonl      one JSON line per logged step and per evaluation
+    run.json       config, data hash, versions, time, final dev loss, trainable parameters
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, PrefixConfig, TrainConfig, to_dict
+from .data import (
+    Encoded,
+    Example,
+    builtin_examples,
+    collate,
+    collate_seq2seq,
+    encode,
+    length_bucketed_batches,
+    load_examples,
+    subsample,
+)
+from .files import atomic_write_json
+from .methods import Method, build_method
+from .models import autocast_dtype, enable_gradient_checkpointing, is_encoder_decoder, load_model
+from .objective import count_tokens
+
+log = logging.getLogger(__name__)
+ARTIFACT_DIR = "prefix"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """Training examples (one per reference, subsampled if asked) and dev examples."""
+    if config.data == "builtin":
+        train, dev = builtin_examples("train"), builtin_examples("dev")
+    else:
+        train = load_examples(config.data, config.train_split)
+        dev = load_examples(config.data, config.dev_split) if config.dev_split else []
+    if config.train_size:
+        train = subsample(train, config.train_size, config.seed)
+    if config.dev_size and len(dev) > config.dev_size:
+        dev = subsample(dev, config.dev_size, config.seed)
+    return train, dev
+
+
+def data_hash(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(f"{example.source}\x00{example.target}\x01".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Batches:
+    """Length-bucketed batches, reshuffled per epoch; micro-batch m of the whole run on demand."""
+
+    items: list[Encoded]
+    config: TrainConfig
+    collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]
+    _epoch: int = -1
+    _order: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(it.input_ids) + len(it.labels) for it in self.items]
+        self.per_epoch = len(self._batches(0))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return length_bucketed_batches(
+            self.lengths,
+            self.config.batch_size,
+            seed=self.config.seed * 100_003 + epoch,
+            max_tokens=self.config.max_batch_tokens or None,
+        )
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._batches(epoch)
+        return self.collate([self.items[i] for i in self._order[position]])
+
+
+def make_collate(model, tokenizer) -> Callable[[list[Encoded]], dict[str, torch.Tensor]]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if is_encoder_decoder(model):
+        return lambda items: collate_seq2seq(items, pad)
+    return lambda items: collate(items, pad)
+
+
+def encode_examples(examples, model, tokenizer, config: TrainConfig) -> list[Encoded]:
+    items, stats = encode(
+        examples,
+        tokenizer,
+        encoder_decoder=is_encoder_decoder(model),
+        max_source_tokens=config.max_source_tokens,
+        max_target_tokens=config.max_target_tokens,
+    )
+    if stats.warning():
+        log.warning(stats.warning())
+    return items
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def autocast_context(dtype: torch.dtype | None, device: torch.device):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def dev_loss(method: Method, batches: list[dict[str, torch.Tensor]], amp, device) -> float:
+    """Target-token-weighted mean loss over the dev batches."""
+    method.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        _, targets = count_tokens(batch)
+        with autocast_context(amp, device):
+            total += method.loss(to_device(batch, device)).item() * targets
+        count += targets
+    method.train()
+    return total / max(count, 1)
+
+
+def linear_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Holds the run's state; `fit()` trains, evaluates, checkpoints and saves."""
+
+    def __init__(self, config: TrainConfig, prefix: PrefixConfig, *, model=None, tokenizer=None,
+                 train_examples: list[Example] | None = None,
+                 dev_examples: list[Example] | None = None) -> None:  # fmt: skip
+        self.config, self.prefix_config = config, prefix
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.amp = autocast_dtype(config.autocast, self.device)
+        torch.manual_seed(config.seed)
+        if model is None:
+            model, tokenizer = load_model(config.model or None, device=str(self.device))
+        self.model, self.tokenizer = model, tokenizer
+        if train_examples is None:
+            train_examples, dev_examples = load_data(config)
+        if not train_examples:
+            raise ConfigError(f"no training examples in {config.data} / {config.train_split}")
+        self.data_hash = data_hash(train_examples)
+        collate_fn = make_collate(model, tokenizer)
+        self.batches = Batches(
+            encode_examples(train_examples, model, tokenizer, config), config, collate_fn
+        )
+        dev_items = encode_examples(dev_examples or [], model, tokenizer, config)
+        order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
+                                        seed=0, shuffle=False) if dev_items else []  # fmt: skip
+        self.dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
+        self.method = build_method(config.method, model, tokenizer, prefix, seed=config.seed)
+        self.method.module.to(self.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.optimizer = torch.optim.AdamW(self.method.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)  # fmt: skip
+        per_epoch = math.ceil(self.batches.per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        self.scheduler = linear_schedule(self.optimizer, config.warmup_steps, self.total_steps)
+        self.state: dict[str, Any] = {"step": 0, "best_dev": math.inf, "dev_history": []}
+
+    def _restore_or_refuse(self) -> None:
+        found = find_checkpoint(self.out)
+        if found is None:
+            return
+        if not self.config.resume:
+            raise ConfigError(
+                f"{self.out} already holds a checkpoint: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        self.state = load_checkpoint(found, self.method, self.optimizer, self.scheduler)
+        log.info("resumed from %s at step %d", found, self.state["step"])
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _evaluate(self, step: int) -> float | None:
+        if not self.dev_batches:
+            return None
+        loss = dev_loss(self.method, self.dev_batches, self.amp, self.device)
+        self.state["dev_history"].append((step, loss))
+        self._log({"step": step, "dev_loss": loss})
+        if loss < self.state["best_dev"]:
+            self.state["best_dev"] = loss
+            self.method.save_artifact(self.out / ARTIFACT_DIR, dtype=self.config.save_dtype,
+                                      step=step, dev_loss=loss)  # fmt: skip
+        return loss
+
+    def _checkpoint(self, step: int) -> None:
+        extra = {k: v for k, v in self.state.items() if k != "step"}
+        save_checkpoint(
+            self.out, self.method, self.optimizer, self.scheduler, step=step, extra=extra
+        )
+
+    def _train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, tokens)."""
+        accum = self.config.grad_accum
+        total_loss, tokens = 0.0, 0
+        for micro in range(step * accum, (step + 1) * accum):
+            batch = to_device(self.batches.get(micro), self.device)
+            with autocast_context(self.amp, self.device):
+                loss = self.method.loss(batch) / accum
+            loss.backward()
+            total_loss += loss.item()
+            tokens += count_tokens(batch)[0]
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end; returns the run summary (also written to run.json)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._restore_or_refuse()
+        config, start = self.config, self.state["step"]
+        eval_every = config.eval_every or math.ceil(self.batches.per_epoch / config.grad_accum)
+        if start == 0 and self.dev_batches:
+            self.state["initial_dev_loss"] = self._evaluate(0)
+        self.method.train()
+        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps,
+                   desc="train", disable=not config.progress, dynamic_ncols=True)  # fmt: skip
+        began, tokens_seen, loss = time.perf_counter(), 0, math.nan
+        for step in bar:
+            loss, tokens = self._train_step(step)
+            tokens_seen += tokens
+            rate = tokens_seen / max(time.perf_counter() - began, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
+            done = step + 1
+            if done % config.log_every == 0 or done == self.total_steps:
+                lr = self.scheduler.get_last_lr()[0]
+                self._log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": rate})
+            if done % eval_every == 0 and done != self.total_steps:
+                self._evaluate(done)
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                self.state["step"] = done
+                self._checkpoint(done)
+        bar.close()
+        final_dev = self._evaluate(self.total_steps)
+        if final_dev is None:
+            self.method.save_artifact(self.out / ARTIFACT_DIR, dtype=config.save_dtype,
+                                      step=self.total_steps)  # fmt: skip
+        self.state["step"] = self.total_steps
+        self._checkpoint(self.total_steps)
+        return self._write_summary(final_dev, loss, time.perf_counter() - began, tokens_seen)
+
+    def _write_summary(self, final_dev, last_loss, seconds, tokens) -> dict[str, Any]:
+        trainable, base = self.method.num_trainable(), self.method.num_base()
+        summary = {
+            "train_config": to_dict(self.config),
+            "prefix_config": to_dict(self.prefix_config),
+            "data_hash": self.data_hash,
+            "train_examples": len(self.batches.items),
+            "steps": self.total_steps,
+            "initial_dev_loss": self.state.get("initial_dev_loss"),
+            "final_dev_loss": final_dev,
+            "best_dev_loss": None if math.isinf(self.state["best_dev"]) else self.state["best_dev"],
+            "last_train_loss": last_loss,
+            "trainable_parameters": trainable,
+            "trainable_share": trainable / base,
+            "seconds": seconds,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "autocast": str(self.amp) if self.amp else "float32",
+            "device": str(self.device),
+            "versions": {
+                "prefixtune": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },  # fmt: skip
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(self.out / "run.json", summary)
+        return summary
+
+
+def train(config: TrainConfig, prefix: PrefixConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train one run end to end (see Trainer for the keyword overrides used by tests)."""
+    return Trainer(config, prefix or PrefixConfig(), **kwargs).fit()
