@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from prefixtune.attention import SITE_ATTR, PrefixKV, prefixed_forward
+from prefixtune.attention import SITE_ATTR, KVCapture, PrefixKV, prefixed_forward
 from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.models import enable_gradient_checkpointing
 from prefixtune.prefix import build_encoder, capture_kv, model_shapes
@@ -169,3 +169,24 @@ def test_init_text_that_tokenises_to_nothing(char_tokenizer):
     with pytest.raises(ConfigError, match="tokenises to no tokens"):
         config = PrefixConfig(length=0, init="words", init_text="x")
         build_encoder(tiny_gpt2(), config, lambda text, add_special_tokens: {"input_ids": []})
+
+
+def test_infix_is_seen_only_from_its_index_on():
+    """[x; INFIX; y] with the infix = the K/V of real words w inside [x; w; y]: x's outputs are
+    the plain model's on x, y's equal the plain model's on [x; w; y]."""
+    model = tiny_llama()
+    build_encoder(model, PrefixConfig(length=1))
+    x, w, y = torch.arange(10, 15)[None], torch.tensor([[40, 41, 42]]), torch.arange(20, 24)[None]
+    full = torch.cat([x, w, y], 1)
+    reference = model(full).logits
+    capture = KVCapture()
+    model(full, prefix_kv=capture)
+    span = slice(x.shape[1], x.shape[1] + w.shape[1])
+    kv = torch.stack([torch.stack([k[0, :, span], v[0, :, span]]) for _, (k, v) in
+                      sorted(capture.records.items(), key=lambda item: item[0].layer)])  # fmt: skip
+    infix = PrefixKV({"self": kv[None]}, visible_from=torch.tensor([x.shape[1]]))
+    xy = torch.cat([x, y], 1)
+    positions = torch.cat([torch.arange(5), torch.arange(8, 12)])[None]  # y sits after w
+    out = logits(model, xy, prefix=infix, position_ids=positions)
+    torch.testing.assert_close(out[:, :5], model(x).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 5:], reference[:, 8:], atol=1e-5, rtol=0)

@@ -39,11 +39,15 @@ class PrefixKV:
     rows:     (B,) long index into the stack, or None when every row uses prefix 0.
     valid:    (N, P) bool, True where a prefix position is real (shorter prefixes are
               right-padded), or None when all positions are real.
+    visible_from: (B,) long or None. When set, only queries at sequence index >= visible_from
+              see these keys/values (an infix [x; INFIX; y]: y sees it, x does not). Indices
+              count the padded sequence including any cached tokens.
     """
 
     kv: dict[str, Tensor]
     rows: Tensor | None = None
     valid: Tensor | None = None
+    visible_from: Tensor | None = None
 
     def layer(self, site: Site, batch: int) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """This layer's (keys, values, valid) for a batch of B rows, or None if no prefix here."""
@@ -82,6 +86,13 @@ class PrefixKV:
             valid = valid.to(next(iter(kv.values())).device)
         return cls(kv, rows, valid)
 
+    def query_visibility(self, t_len: int, s_len: int) -> Tensor | None:
+        """(B, 1, T, 1) bool: which queries may see the prefix (None: all of them)."""
+        if self.visible_from is None:
+            return None
+        index = torch.arange(s_len - t_len, s_len, device=self.visible_from.device)  # (T,)
+        return (index[None, :] >= self.visible_from[:, None])[:, None, :, None]
+
     def row_lengths(self, batch: int, device: torch.device) -> Tensor:
         """(B,) number of real prefix positions per row (the position offset of real tokens)."""
         if self.valid is None:
@@ -99,17 +110,24 @@ class KVCapture:
 
 
 def _extend_mask(
-    mask: Tensor | None, valid: Tensor | None, query: Tensor, key: Tensor, p_len: int, causal: bool
+    mask: Tensor | None,
+    valid: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    p_len: int,
+    causal: bool,
+    visible: Tensor | None = None,
 ) -> Tensor | None:
     """Boolean mask (B, 1, T, P+S) with the prefix columns first; None when nothing is masked.
 
     mask: the model's (B or 1, 1, T, S) mask over the real keys (bool, additive float or None);
-    valid: (B, P) real prefix positions or None (all real).
+    valid: (B, P) real prefix positions or None (all real); visible: (B, 1, T, 1) queries that
+    may see the prefix, or None (all).
     """
     t_len, s_len = query.shape[2], key.shape[2]
     if mask is None:
         causal = causal and t_len > 1
-        if not causal and valid is None:
+        if not causal and valid is None and visible is None:
             return None
         mask = torch.ones(1, 1, t_len, s_len, dtype=torch.bool, device=query.device)
         if causal:  # bottom-right aligned: query i sees keys up to i + (S - T)
@@ -120,6 +138,8 @@ def _extend_mask(
         cols = torch.ones(1, 1, 1, p_len, dtype=torch.bool, device=mask.device)
     else:
         cols = valid[:, None, None, :].to(mask.device)  # (B, 1, 1, P)
+    if visible is not None:
+        cols = cols & visible.to(cols.device)  # (B, 1, T, P)
     batch = max(mask.shape[0], cols.shape[0])
     cols = cols.expand(batch, 1, t_len, p_len)
     return torch.cat([cols, mask.expand(batch, 1, t_len, s_len)], dim=-1)
@@ -144,7 +164,10 @@ def prefix_attention(
         if layer is not None:
             p_key, p_value, valid = layer  # (B, H_kv, P, D) each; valid (B, P) or None
             causal = bool(getattr(module, "is_causal", False))
-            attention_mask = _extend_mask(attention_mask, valid, query, key, p_key.shape[2], causal)
+            visible = prefix_kv.query_visibility(query.shape[2], key.shape[2])
+            attention_mask = _extend_mask(
+                attention_mask, valid, query, key, p_key.shape[2], causal, visible
+            )
             key = torch.cat([p_key.to(key.dtype), key], dim=2)  # (B, H_kv, P+S, D)
             value = torch.cat([p_value.to(value.dtype), value], dim=2)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

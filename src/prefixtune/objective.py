@@ -20,9 +20,13 @@ def hidden_states(
     model: PreTrainedModel,
     batch: dict[str, Tensor],
     prefix_kv: PrefixKV | None = None,
+    position_ids: Tensor | None = None,
     **kwargs,
 ) -> Tensor:
-    """Last hidden states (B, T, d) of the backbone (decoder side for encoder-decoders)."""
+    """Last hidden states (B, T, d) of the backbone (decoder side for encoder-decoders).
+
+    Decoder-only position ids default to real-token positions offset by each row's prefix.
+    """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if is_encoder_decoder(model):
         labels = batch["labels"]
@@ -35,6 +39,8 @@ def hidden_states(
         inputs["decoder_attention_mask"] = batch.get(
             "decoder_attention_mask", (labels != IGNORE_INDEX).long()
         )
+    elif position_ids is not None:
+        inputs["position_ids"] = position_ids
     else:
         offset = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=model.device)
         if prefix_kv is not None:
