@@ -679,3 +679,13 @@ def test_real_webnlg_dev_matches_prefixtuning_json():
         assert rec.source == linearize_triples(triples)
         assert rec.refs == [lex["lex"].strip() for lex in e["lexicalisations"]]
         assert rec.meta["category"] == e["category"]
+
+
+def test_jsonl_task_folder_picks_the_split_file(tmp_path):
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.jsonl").write_text(
+            json.dumps({"source": split, "target": "t"}) + "\n"
+        )
+    assert load_examples(str(tmp_path), "dev")[0].source == "dev"
+    with pytest.raises(DataError, match=r"test.jsonl: no such split file.*dev.jsonl"):
+        load_examples(str(tmp_path), "test")

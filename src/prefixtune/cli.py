@@ -18,6 +18,11 @@ from typing import Any, get_type_hints
 # name -> (module, one-line help[, add-arguments function, run function])
 COMMANDS: dict[str, tuple[str, ...]] = {
     "train": ("prefixtune.train_cli", "train a prefix (or a baseline) on a dataset"),
+    "demo": ("prefixtune.demo", "the quick-start demo: train on E2E, show before/after"),
+    "generate": ("prefixtune.eval_cli", "generate text for inputs, with or without a prefix",
+                 "add_arguments_generate", "run_generate"),
+    "evaluate": ("prefixtune.eval_cli", "generate on a split, score, write predictions + metrics",
+                 "add_arguments_evaluate", "run_evaluate"),
     "export": ("prefixtune.interop", "export a prefix to another format (PEFT)",
                "add_arguments_export", "run_export"),
     "import": ("prefixtune.interop", "import a prefix from another format (PEFT)",

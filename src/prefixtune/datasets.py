@@ -555,6 +555,12 @@ def _records(dataset: str | Path, split: str, root: Path | None) -> Iterable[_Re
     if name == BUILTIN:
         return [_Record(e.source, [e.target], dict(e.meta)) for e in builtin_examples(split)]
     path = Path(name).expanduser()
+    if path.is_dir():  # a task folder: train.jsonl, dev.jsonl, test.jsonl
+        split_file = path / f"{split}.jsonl"
+        if not split_file.is_file():
+            found = sorted(p.name for p in path.glob("*.jsonl"))
+            raise DataError(f"{split_file}: no such split file (the folder has {found})")
+        return list(_read_jsonl(split_file))
     if name.endswith((".jsonl", ".jsonl.gz")) or path.is_file():
         if split not in ("train", "dev", "test"):
             raise DataError(f"unknown split {split!r}; valid: train, dev, test")
@@ -589,7 +595,8 @@ def load_examples(
     that carry their own). ``grouped=True``: one Example per distinct source, all references in
     ``references`` and ``target`` = the first (for JSONL, the first line's explicit
     ``references`` win over the collected targets). The ``split`` of a JSONL path is not used
-    beyond validation: the file is the split.
+    beyond validation: the file is the split. A folder with ``train.jsonl``, ``dev.jsonl`` and
+    ``test.jsonl`` picks the file by split.
     """
     records = _records(dataset, split, root)
     if grouped:
