@@ -67,6 +67,8 @@ class TrainConfig:
     """Base model: a hub id or local directory; empty for the embedded default (SmolLM2-135M)."""
     method: str = "prefix"
     """Training method: prefix, or a baseline (finetune, ft-top2, adapter, embedding, infix)."""
+    adapter_share: float = 0.001
+    """Adapter baseline: trainable share of the base model (0.001 = the paper's 0.1%, 0.03 = 3%)."""
     out: str = "runs/e2e"
     """Output directory: prefix/, checkpoint/, log.jsonl, run.json."""
     train_split: str = "train"

@@ -23,7 +23,7 @@ from .train import Trainer
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="base model (default: embedded SmolLM2-135M)")
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (default: 120)")
     parser.add_argument("--train-size", type=int, default=1200, help="training examples")
     parser.add_argument("--eval-size", type=int, default=40, help="dev inputs scored before/after")
     parser.add_argument("--show", type=int, default=3, help="examples printed side by side")

@@ -184,7 +184,8 @@ class Trainer:
         order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
                                         seed=0, shuffle=False) if dev_items else []  # fmt: skip
         self.dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
-        self.method = build_method(config.method, model, tokenizer, prefix, seed=config.seed)
+        self.method = build_method(config.method, model, tokenizer, prefix, seed=config.seed,
+                                   adapter_share=config.adapter_share)  # fmt: skip
         self.method.module.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
