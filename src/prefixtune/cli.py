@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                  "add_arguments_generate", "run_generate"),
     "evaluate": ("prefixtune.eval_cli", "generate on a split, score, write predictions + metrics",
                  "add_arguments_evaluate", "run_evaluate"),
+    "reproduce": ("prefixtune.reproduce", "the paper's tables and figures at a chosen scale"),
     "export": ("prefixtune.interop", "export a prefix to another format (PEFT)",
                "add_arguments_export", "run_export"),
     "import": ("prefixtune.interop", "import a prefix from another format (PEFT)",

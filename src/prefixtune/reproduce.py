@@ -1,0 +1,114 @@
+"""Reproduce the paper's findings: `prefixtune reproduce <experiment> --scale small`.
+
+Experiments: lowdata (Figure 3), length (Figure 4), init (Figure 5), table1 and table1-webnlg
+(Table 1 layout). Each writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
+runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .experiments import (
+    GRIDS,
+    SCALES,
+    check_experiment,
+    markdown_table,
+    run_one,
+    summarise,
+    write_results,
+)
+from .files import atomic_write_text
+
+# What each experiment groups by and plots on its x axis.
+GROUPING = {"lowdata": ("size", "method"), "length": ("length", None), "init": ("init", None),
+            "table1": ("method", None), "table1-webnlg": ("method", None)}  # fmt: skip
+METRICS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all", "TER_all")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", choices=sorted(GRIDS), help="which table or figure")
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES),
+                        help="tiny (smoke), small (this CPU, ~1 h), full (GPU)")  # fmt: skip
+    parser.add_argument("--model", default="", help="base model (default: embedded SmolLM2-135M)")
+    parser.add_argument("--runs", default="runs/reproduce", help="where the runs are kept")
+    parser.add_argument("--results", default="docs/results", help="where tables and plots go")
+
+
+def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, path: Path) -> None:
+    """A line plot (numeric x) or bar chart of `metric` with standard-deviation error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in table:
+        groups.setdefault(row.get(series) if series else metric, []).append(row)
+    for label, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r[x])
+        xs = [r[x] for r in rows]
+        ys = [r.get(metric, float("nan")) for r in rows]
+        errs = [r.get(f"{metric}_sd", 0.0) for r in rows]
+        if all(isinstance(v, int | float) for v in xs):
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=str(label))
+        else:
+            ax.bar([str(v) for v in xs], ys, yerr=errs, capsize=3, label=str(label))
+            ax.tick_params(axis="x", rotation=30)
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str) -> str:
+    """Write results.csv, results.md and the plot; returns the markdown."""
+    x, series = GROUPING[name]
+    metrics = METRICS.get(name, ("BLEU", "ROUGE_L"))
+    keys = [x] + ([series] if series else [])
+    table = []
+    for key_rows in _split(rows, series):
+        for entry in summarise(key_rows, x, metrics):
+            if series:
+                entry[series] = key_rows[0][series]
+            table.append(entry)
+    write_results(rows, out)
+    columns = keys + ["runs"] + [c for m in metrics for c in (m, f"{m}_sd")]
+    text = (f"# {name} ({scale} scale)\n\nCommand: `{command}`\n\n"
+            + markdown_table(table, columns)
+            + "\nMeans and standard deviations across seeds; test subset, best-dev-loss prefix.\n")  # fmt: skip
+    atomic_write_text(out / "results.md", text)
+    plot(table, x, series, metrics[0], out / f"{name}.png")
+    return text
+
+
+def _split(rows: list[dict[str, Any]], series: str | None) -> list[list[dict[str, Any]]]:
+    if not series:
+        return [rows]
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row[series], []).append(row)
+    return list(groups.values())
+
+
+def run(args: argparse.Namespace) -> int:
+    check_experiment(args.experiment, args.scale)
+    scale = SCALES[args.scale]
+    root = Path(args.runs) / f"{args.experiment}-{args.scale}"
+    grid = GRIDS[args.experiment](scale)
+    rows = []
+    for index, spec in enumerate(grid, 1):
+        print(f"[{index}/{len(grid)}] {spec.name}", flush=True)
+        rows.append(run_one(spec, root, scale, args.model))
+    command = f"prefixtune reproduce {args.experiment} --scale {args.scale}"
+    if args.model:
+        command += f" --model {args.model}"
+    print(report(args.experiment, args.scale, rows, Path(args.results) / args.experiment, command))
+    return 0
