@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                  "add_arguments_generate", "run_generate"),
     "evaluate": ("prefixtune.eval_cli", "generate on a split, score, write predictions + metrics",
                  "add_arguments_evaluate", "run_evaluate"),
+    "serve": ("prefixtune.serve", "serve many prefixes from one model over HTTP"),
+    "bench": ("prefixtune.bench", "measure prefixtune against PEFT (speed, memory, MFU)"),
+    "bench-serve": ("prefixtune.bench_serve", "serving throughput: mixed batches vs per-prefix"),
     "reproduce": ("prefixtune.reproduce", "the paper's tables and figures at a chosen scale"),
     "export": ("prefixtune.interop", "export a prefix to another format (PEFT)",
                "add_arguments_export", "run_export"),
@@ -76,7 +79,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
     for f in dataclasses.fields(cls):
         flag = "--" + (prefix + f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         kind = hints[f.name]
         if kind is bool:
             group.add_argument(

@@ -62,13 +62,16 @@ class TrainConfig:
     """One training run. Defaults are the paper's table-to-text settings (section 5.2)."""
 
     data: str = "e2e"
-    """Dataset: e2e, webnlg, dart, xsum, builtin, or a .jsonl file of {"source", "target"}."""
+    """Dataset: e2e, webnlg, dart, xsum, builtin, or a .jsonl file of {"source", "target"}.
+    Several, comma-separated, train one prefix per task in one run: 'e2e,webnlg' or
+    'e2e=e2e,web=data/web.jsonl' (NAME=DATASET; see docs/SCALING.md)."""
     model: str = ""
     """Base model: a hub id or local directory; empty for the embedded default (SmolLM2-135M)."""
     method: str = "prefix"
-    """Training method: prefix, or a baseline (finetune, ft-top2, adapter, embedding, infix)."""
+    """Training method: prefix, or a baseline (finetune, ft-top2, adapter, embedding, infix);
+    multitask: one prefix per task of --data (implied when --data names several tasks)."""
     adapter_share: float = 0.001
-    """Adapter baseline: trainable share of the base model (0.001 = the paper's 0.1%, 0.03 = 3%)."""
+    """Adapter baseline: trainable share of the base model (the paper's 0.001 and 0.03)."""
     out: str = "runs/e2e"
     """Output directory: prefix/, checkpoint/, log.jsonl, run.json."""
     train_split: str = "train"

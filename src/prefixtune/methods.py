@@ -113,6 +113,8 @@ def _prefix(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> 
 
 def build_method(name: str, model, tokenizer, prefix: PrefixConfig, **options: Any) -> Method:
     """The method called `name`, set up on `model` (the model is modified in place)."""
+    from . import baselines, multitask  # noqa: F401  (they register themselves)
+
     if name not in METHODS:
         raise ConfigError(f"--method must be one of {sorted(METHODS)}, got {name!r}")
     with torch.random.fork_rng():

@@ -5,6 +5,8 @@ Outputs under config.out:
     checkpoint/    resumable state (written every --checkpoint-every steps and at the end)
     log.jsonl      one JSON line per logged step and per evaluation
     run.json       config, data hash, versions, time, final dev loss, trainable parameters
+Multi-task runs (--data NAME=DATASET,...; see multitask.py) write prefixes/<task>/ + index.json
+instead of prefix/. Under torchrun the run is data-parallel (see distributed.py); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,12 @@ from .data import (
     load_examples,
     subsample,
 )
+from .distributed import Distributed, from_env
 from .files import atomic_write_json
 from .methods import Method, build_method
 from .models import autocast_dtype, enable_gradient_checkpointing, is_encoder_decoder, load_model
-from .objective import count_tokens
+from .multitask import tag, tag_items, task_list, with_task_ids
+from .objective import count_tokens, target_positions
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "prefix"
@@ -55,7 +59,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """Training examples (one per reference, subsampled if asked) and dev examples."""
+    """Training examples (one per reference, subsampled if asked) and dev examples.
+
+    Multi-task: each task's examples (subsampled per task), tagged with its index.
+    """
+    tasks = task_list(config)
+    if tasks:
+        parts = [load_data(replace(config, data=t.data, method="prefix")) for t in tasks]
+        train = [e for i, (part, _) in enumerate(parts) for e in tag(part, i)]
+        return train, [e for i, (_, part) in enumerate(parts) for e in tag(part, i)]
     if config.data == "builtin":
         train, dev = builtin_examples("train"), builtin_examples("dev")
     else:
@@ -71,7 +83,10 @@ def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
 def data_hash(examples: list[Example]) -> str:
     digest = hashlib.sha256()
     for example in examples:
+        task = getattr(example, "task", None)  # multi-task examples hash their task too
         digest.update(f"{example.source}\x00{example.target}\x01".encode())
+        if task is not None:
+            digest.update(f"{task}\x02".encode())
     return digest.hexdigest()[:16]
 
 
@@ -135,8 +150,10 @@ def autocast_context(dtype: torch.dtype | None, device: torch.device):
 
 
 @torch.no_grad()
-def dev_loss(method: Method, batches: list[dict[str, torch.Tensor]], amp, device) -> float:
-    """Target-token-weighted mean loss over the dev batches."""
+def dev_sums(
+    method: Method, batches: list[dict[str, torch.Tensor]], amp, device
+) -> tuple[float, int]:
+    """(sum of per-token losses, target tokens) over the dev batches."""
     method.eval()
     total, count = 0.0, 0
     for batch in batches:
@@ -145,6 +162,12 @@ def dev_loss(method: Method, batches: list[dict[str, torch.Tensor]], amp, device
             total += method.loss(to_device(batch, device)).item() * targets
         count += targets
     method.train()
+    return total, count
+
+
+def dev_loss(method: Method, batches: list[dict[str, torch.Tensor]], amp, device) -> float:
+    """Target-token-weighted mean loss over the dev batches."""
+    total, count = dev_sums(method, batches, amp, device)
     return total / max(count, 1)
 
 
@@ -162,10 +185,15 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, prefix: PrefixConfig, *, model=None, tokenizer=None,
                  train_examples: list[Example] | None = None,
-                 dev_examples: list[Example] | None = None) -> None:  # fmt: skip
+                 dev_examples: list[Example] | None = None,
+                 dist: Distributed | None = None) -> None:  # fmt: skip
+        """Multi-task runs take examples tagged with multitask.tag(); `dist` defaults to the
+        torchrun job this process is part of (None: single process)."""
         self.config, self.prefix_config = config, prefix
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.tasks = task_list(config)
+        self.dist = dist if dist is not None else from_env(config.device)
+        self.device = self.dist.device if self.dist else resolve_device(config.device)
         self.amp = autocast_dtype(config.autocast, self.device)
         torch.manual_seed(config.seed)
         if model is None:
@@ -177,15 +205,22 @@ class Trainer:
             raise ConfigError(f"no training examples in {config.data} / {config.train_split}")
         self.data_hash = data_hash(train_examples)
         collate_fn = make_collate(model, tokenizer)
-        self.batches = Batches(
-            encode_examples(train_examples, model, tokenizer, config), config, collate_fn
-        )
+        train_items = encode_examples(train_examples, model, tokenizer, config)
         dev_items = encode_examples(dev_examples or [], model, tokenizer, config)
+        options = {}
+        if self.tasks:  # every row carries its task id
+            collate_fn = with_task_ids(collate_fn)
+            train_items = tag_items(train_items, train_examples, len(self.tasks))
+            dev_items = tag_items(dev_items, dev_examples or [], len(self.tasks))
+            options = {"tasks": self.tasks}
+        self.batches = Batches(train_items, config, collate_fn)
         order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
                                         seed=0, shuffle=False) if dev_items else []  # fmt: skip
         self.dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
-        self.method = build_method(config.method, model, tokenizer, prefix, seed=config.seed,
-                                   adapter_share=config.adapter_share)  # fmt: skip
+        self.method = build_method("multitask" if self.tasks else config.method, model, tokenizer,
+                                   prefix, seed=config.seed, adapter_share=config.adapter_share,
+                                   **options)  # fmt: skip
+        self.artifact_dir = self.out / getattr(self.method, "artifact_dir", ARTIFACT_DIR)
         self.method.module.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -208,23 +243,40 @@ class Trainer:
         self.state = load_checkpoint(found, self.method, self.optimizer, self.scheduler)
         log.info("resumed from %s at step %d", found, self.state["step"])
 
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes (rank 0, or the only one)."""
+        return self.dist is None or self.dist.is_main
+
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def _evaluate(self, step: int) -> float | None:
         if not self.dev_batches:
             return None
-        loss = dev_loss(self.method, self.dev_batches, self.amp, self.device)
+        if self.dist:  # each rank scores every world-th dev batch
+            mine = self.dev_batches[self.dist.rank :: self.dist.world]
+            total, count = self.dist.all_reduce_sum(
+                list(dev_sums(self.method, mine, self.amp, self.device))
+            )
+            loss = total / max(count, 1)
+        else:
+            loss = dev_loss(self.method, self.dev_batches, self.amp, self.device)
         self.state["dev_history"].append((step, loss))
         self._log({"step": step, "dev_loss": loss})
         if loss < self.state["best_dev"]:
             self.state["best_dev"] = loss
-            self.method.save_artifact(self.out / ARTIFACT_DIR, dtype=self.config.save_dtype,
-                                      step=step, dev_loss=loss)  # fmt: skip
+            if self.is_main:
+                self.method.save_artifact(self.artifact_dir, dtype=self.config.save_dtype,
+                                          step=step, dev_loss=loss)  # fmt: skip
         return loss
 
     def _checkpoint(self, step: int) -> None:
+        if not self.is_main:
+            return
         extra = {k: v for k, v in self.state.items() if k != "step"}
         save_checkpoint(
             self.out, self.method, self.optimizer, self.scheduler, step=step, extra=extra
@@ -235,12 +287,22 @@ class Trainer:
         accum = self.config.grad_accum
         total_loss, tokens = 0.0, 0
         for micro in range(step * accum, (step + 1) * accum):
-            batch = to_device(self.batches.get(micro), self.device)
+            batch, weight = self.batches.get(micro), 1.0
+            tokens += count_tokens(batch)[0]  # the global batch's tokens
+            if self.dist:  # this rank's rows; weight = its share N_r / N of the target tokens
+                batch, weight = self.dist.shard(batch, self._count_targets)
+                if weight == 0.0:
+                    continue
+            batch = to_device(batch, self.device)
             with autocast_context(self.amp, self.device):
-                loss = self.method.loss(batch) / accum
+                loss = self.method.loss(batch)
+                if weight != 1.0:
+                    loss = loss * weight
+                loss = loss / accum
             loss.backward()
             total_loss += loss.item()
-            tokens += count_tokens(batch)[0]
+        if self.dist:  # sum of the ranks' weighted grads = the global batch's gradient
+            total_loss = self.dist.all_reduce_grads(self.method.parameters(), total_loss)
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -248,17 +310,25 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
 
+    def _count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """Target tokens the loss averages over (the denominator of its mean)."""
+        return int(target_positions(self.model, batch["labels"])[1].numel())
+
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns the run summary (also written to run.json)."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._restore_or_refuse()
+        if self.dist:  # every rank starts from rank 0's parameters, after every rank restored
+            self.dist.broadcast_parameters(self.method.parameters())
+            self.dist.barrier()
         config, start = self.config, self.state["step"]
         eval_every = config.eval_every or math.ceil(self.batches.per_epoch / config.grad_accum)
         if start == 0 and self.dev_batches:
             self.state["initial_dev_loss"] = self._evaluate(0)
         self.method.train()
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps,
-                   desc="train", disable=not config.progress, dynamic_ncols=True)  # fmt: skip
+                   desc="train", disable=not (config.progress and self.is_main),
+                   dynamic_ncols=True)  # fmt: skip
         began, tokens_seen, loss = time.perf_counter(), 0, math.nan
         for step in bar:
             loss, tokens = self._train_step(step)
@@ -276,12 +346,15 @@ class Trainer:
                 self._checkpoint(done)
         bar.close()
         final_dev = self._evaluate(self.total_steps)
-        if final_dev is None:
-            self.method.save_artifact(self.out / ARTIFACT_DIR, dtype=config.save_dtype,
+        if final_dev is None and self.is_main:
+            self.method.save_artifact(self.artifact_dir, dtype=config.save_dtype,
                                       step=self.total_steps)  # fmt: skip
         self.state["step"] = self.total_steps
         self._checkpoint(self.total_steps)
-        return self._write_summary(final_dev, loss, time.perf_counter() - began, tokens_seen)
+        summary = self._write_summary(final_dev, loss, time.perf_counter() - began, tokens_seen)
+        if self.dist:  # nobody leaves before rank 0 has written everything
+            self.dist.barrier()
+        return summary
 
     def _write_summary(self, final_dev, last_loss, seconds, tokens) -> dict[str, Any]:
         trainable, base = self.method.num_trainable(), self.method.num_base()
@@ -309,10 +382,24 @@ class Trainer:
             },  # fmt: skip
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_json(self.out / "run.json", summary)
+        if self.dist:
+            summary["world_size"] = self.dist.world
+        if self.tasks:
+            counts = [
+                sum(it.task == i for it in self.batches.items) for i in range(len(self.tasks))
+            ]
+            summary["tasks"] = [{"name": t.name, "data": t.data, "train_examples": n}
+                                for t, n in zip(self.tasks, counts, strict=True)]  # fmt: skip
+        if self.is_main:
+            atomic_write_json(self.out / "run.json", summary)
         return summary
 
 
 def train(config: TrainConfig, prefix: PrefixConfig | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train one run end to end (see Trainer for the keyword overrides used by tests)."""
-    return Trainer(config, prefix or PrefixConfig(), **kwargs).fit()
+    trainer = Trainer(config, prefix or PrefixConfig(), **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist:
+            trainer.dist.close()

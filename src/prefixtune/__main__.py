@@ -1,0 +1,8 @@
+"""`python -m prefixtune ...` runs the command line (so `torchrun ... -m prefixtune train` works)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""prefixtune bench: measure prefixtune against PEFT's PrefixTuningConfig on one machine, in one
+run (same model, data, batch and dtype), and write JSON plus a markdown summary.
+
+Suites: train (tokens/s of forward + backward + AdamW step; prefix length 10 and 200, MLP
+reparameterisation on and off, vs full fine-tuning and the frozen forward+backward floor),
+generate (batched greedy decoding), multitenant (8 requests with 8 prefixes: one mixed batch vs
+PEFT switching adapters), long (4 x 1024 tokens, prefix 200, gradient checkpointing on/off), mfu
+(useful FLOPs over this CPU's measured matmul peak), real (E2E training batches). Every
+configuration runs in its own worker process (forked from a server that has only imported the
+libraries), timed as the median of --iters iterations after --warmup, with its peak resident
+memory; by default a second, untimed worker per config measures the peak again with exact
+malloc (reproducible). Timings are never asserted anywhere; see docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .bench_runner import RESULT_MARK, TIMED, Runner, memory_pass, worker_main
+
+__all__ = ["RESULT_MARK", "add_arguments", "build_plan", "resolve_dtypes", "run"]
+
+SUITES = ("train", "generate", "multitenant", "long", "mfu", "real")
+BENCH_MODELS = ("gpt2-small-random", "smollm2", "smollm2-random", "tiny-gpt2", "tiny-llama")
+DEFAULT_MODELS = {
+    "train": ["gpt2-small-random", "smollm2"],
+    "mfu": ["gpt2-small-random", "smollm2"],
+}
+
+FULL = {
+    "train": {"batch": 8, "seq": 128, "prefix_lens": (10, 200)},
+    "long": {"batch": 4, "seq": 1024, "prefix_len": 200, "target_tail": 64},
+    "generate": {"prompts": 8, "new_tokens": 32, "prefix_len": 10, "prompt_min": 16,
+                 "prompt_max": 48},
+    "real": {"examples": 64, "batch": 8, "prefix_len": 10},
+    "mlp_hidden": 512,
+}  # fmt: skip
+QUICK = {
+    "train": {"batch": 2, "seq": 16, "prefix_lens": (2, 6)},
+    "long": {"batch": 2, "seq": 64, "prefix_len": 6, "target_tail": 8},
+    "generate": {"prompts": 8, "new_tokens": 8, "prefix_len": 4, "prompt_min": 4,
+                 "prompt_max": 12},
+    "real": {"examples": 16, "batch": 4, "prefix_len": 4},
+    "mlp_hidden": 16,
+}  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--suite",
+        nargs="+",
+        choices=(*SUITES, "all"),
+        default=["all"],
+        help="what to measure (default: all)",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=BENCH_MODELS,
+        default=None,
+        help="models (default: gpt2-small-random and smollm2 for train/mfu, "
+        "smollm2 elsewhere; tiny-llama with --quick)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("auto", "fp32", "bf16"),
+        default=["auto"],
+        help="autocast dtypes; auto = fp32, plus bf16 where the CPU has native "
+        "bf16 (it is emulated, 6-30x slower, on AVX2-only CPUs)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes and a tiny model: a smoke run for CI, not a measurement",
+    )
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=5,
+        help="timed iterations per config (>= 5 for reported numbers)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=("forkserver", "subprocess"),
+        default="forkserver",
+        help="worker processes forked from a pre-imported server, or a fresh "
+        "`python -m prefixtune.bench --worker` each (slower start)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
+    parser.add_argument(
+        "--memory-pass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each config's peak memory again in its own worker with exact malloc "
+        "(reproducible; the timing run keeps the normal allocator)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        help="run only configs whose name contains one of these strings",
+    )
+    parser.add_argument("--out", default="bench.json", help="JSON output; a .md summary beside it")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def resolve_dtypes(requested: list[str]) -> tuple[list[str], str | None]:
+    """The dtypes to run, and a note when bf16 was left out because the CPU lacks it."""
+    from .models import native_bf16
+
+    dtypes: list[str] = []
+    note = None
+    for name in requested:
+        if name == "auto":
+            dtypes.append("fp32")
+            if native_bf16("cpu"):
+                dtypes.append("bf16")
+            else:
+                note = ("bf16 not run: this CPU has no native bf16 (auto picks fp32); "
+                        "pass --dtypes fp32 bf16 to measure the emulated path anyway")  # fmt: skip
+        else:
+            dtypes.append(name)
+    return list(dict.fromkeys(dtypes)), note
+
+
+def _train_specs(model: str, dtype: str, shapes: dict, base: dict) -> list[tuple[str, dict]]:
+    train = shapes["train"]
+    common = {**base, "kind": "train", "model": model, "dtype": dtype, "batch": train["batch"],
+              "seq": train["seq"]}  # fmt: skip
+    specs = []
+    for length in train["prefix_lens"]:
+        for reparam in (True, False):
+            for impl in ("ours", "peft"):
+                name = f"train/{model}/{dtype}/P{length}/{impl}-{'mlp' if reparam else 'table'}"
+                specs.append((name, {**common, "impl": impl, "prefix_len": length,
+                                     "reparam": reparam}))  # fmt: skip
+    for impl, label in (("finetune", "finetune"), ("frozen", "frozen-floor")):
+        spec = {**common, "impl": impl, "prefix_len": 0, "reparam": False}
+        specs.append((f"train/{model}/{dtype}/{label}", spec))
+    return specs
+
+
+def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], quick: bool,
+               iters: int, warmup: int) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """(name, worker spec) for every configuration of the chosen suites, without repeats."""
+    shapes = QUICK if quick else FULL
+    base = {"iters": iters, "warmup": warmup, "seed": 0, "mlp_hidden": shapes["mlp_hidden"]}
+    chosen = list(SUITES) if "all" in suites else suites
+    plan: dict[str, dict[str, Any]] = {}
+
+    def models_for(suite: str) -> list[str]:
+        return models or (["tiny-llama"] if quick else DEFAULT_MODELS.get(suite, ["smollm2"]))
+
+    for suite in chosen:
+        for model in models_for(suite):
+            if suite in ("train", "mfu"):
+                plan[f"check/{model}/equal-loss"] = {
+                    "kind": "equal_loss", "model": model, "prefix_len": shapes["train"]
+                    ["prefix_lens"][0], "reparam": True, "mlp_hidden": base["mlp_hidden"],
+                    "batch": 2, "seq": 16, "seed": 0,
+                }  # fmt: skip
+            for dtype in dtypes:
+                plan.update(_suite_specs(suite, model, dtype, shapes, base))
+        if suite == "mfu":
+            plan["mfu/peak"] = {"kind": "peak", "dtypes": ["fp32", "bf16"], "quick": quick}
+    return list(plan.items())
+
+
+def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict) -> dict:
+    tag = f"{model}/{dtype}"
+    if suite == "train":
+        return dict(_train_specs(model, dtype, shapes, base))
+    if suite == "mfu":  # prefixtune at both lengths and the floor (shared with the train suite)
+        specs = dict(_train_specs(model, dtype, shapes, base))
+        return {k: v for k, v in specs.items() if k.endswith(("ours-mlp", "frozen-floor"))}
+    if suite == "long":
+        long = shapes["long"]
+        common = {**base, "kind": "train", "model": model, "dtype": dtype, "reparam": True,
+                  "batch": long["batch"], "seq": long["seq"], "prefix_len": long["prefix_len"],
+                  "target_tail": long["target_tail"]}  # fmt: skip
+        return {
+            f"long/{tag}/{impl}{'-ckpt' if ckpt else ''}": {**common, "impl": impl,
+                                                           "checkpointing": ckpt}
+            for impl in ("ours", "peft") for ckpt in (False, True)
+        }  # fmt: skip
+    if suite in ("generate", "multitenant"):
+        common = {**base, "kind": suite, "model": model, "dtype": dtype, **shapes["generate"]}
+        theirs = "peft" if suite == "generate" else "peft-switching"
+        return {f"{suite}/{tag}/ours": {**common, "impl": "ours"},
+                f"{suite}/{tag}/{theirs}": {**common, "impl": "peft"}}  # fmt: skip
+    if suite == "real":
+        common = {**base, "kind": "real", "model": model, "dtype": dtype, "reparam": True,
+                  **shapes["real"]}  # fmt: skip
+        return {f"real/{tag}/{impl}": {**common, "impl": impl} for impl in ("ours", "peft")}
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+# ------------------------------------------------------------------------------ command
+
+
+def _line(name: str, result: dict[str, Any]) -> str:
+    if "error" in result or "refused" in result:
+        return f"{name}: {result.get('error') or 'refused: ' + result['refused']}"[:300]
+    parts = [name]
+    if "median_s" in result:
+        parts.append(f"{result['median_s']:.3f}s [{result['min_s']:.3f}-{result['max_s']:.3f}]")
+    for key in ("tokens_per_s", "new_tokens_per_s"):
+        if key in result:
+            parts.append(f"{result[key]:.0f} {key.replace('_per_s', '')}/s")
+    if "peak_rss_mb" in result:
+        parts.append(f"peak {result['peak_rss_mb']:.0f} MB (+{result['step_extra_mb']:.0f})")
+    if "live_peak_mb" in result:
+        parts.append(
+            f"live peak {result['live_peak_mb']:.0f} MB (+{result['live_step_extra_mb']:.0f})"
+        )
+    if name == "mfu/peak":
+        parts += [
+            f"{d} {v['gflops']:.1f} GFLOP/s"
+            for d, v in result.items()
+            if isinstance(v, dict) and "gflops" in v
+        ]
+    if "abs_diff" in result:
+        parts.append(f"|loss diff| {result['abs_diff']:.2e}")
+    return "  ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench_common import environment
+    from .bench_report import markdown, summarise_results
+    from .config import ConfigError
+
+    if args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    dtypes, note = resolve_dtypes(args.dtypes)
+    plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup)
+    if args.only:
+        plan = [(name, spec) for name, spec in plan if any(part in name for part in args.only)]
+    threads = args.threads or (1 if args.quick else 0)  # tiny ops: thread spin costs dominate
+    runner = Runner(args.isolation, threads, args.timeout)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    meta = {**environment(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "quick": args.quick, "iters": args.iters, "warmup": args.warmup,
+            "isolation": args.isolation, "dtypes": dtypes, "dtype_note": note,
+            "memory_pass": args.memory_pass,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    results: dict[str, Any] = {}
+    for i, (name, spec) in enumerate(plan, start=1):
+        result = runner(spec)
+        if args.memory_pass and "median_s" in result and spec["kind"] in TIMED:
+            result.update(memory_pass(runner, spec))
+        results[name] = {"spec": spec, **result}
+        print(f"[{i}/{len(plan)}] {_line(name, result)}", flush=True)
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report = {"meta": meta, "results": results, **summarise_results(results, meta)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    text = markdown(report)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    failed = [n for n, r in results.items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(worker_main(sys.argv))
+    _parser = argparse.ArgumentParser(prog="python -m prefixtune.bench", description=__doc__)
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

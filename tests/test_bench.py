@@ -1,0 +1,191 @@
+"""prefixtune bench: the loss equals PEFT's on the same weights, the FLOP counter is right on
+known shapes, the quick suite runs end to end and writes the expected JSON. Timings are never
+asserted."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from prefixtune import bench
+from prefixtune.artifact import FoldedPrefix
+from prefixtune.bench_common import Memory, build_ours, build_peft, copy_peft_weights
+from prefixtune.bench_flops import geometry, mlp_flops, train_step_flops
+from prefixtune.data import IGNORE_INDEX
+from prefixtune.interop import export_peft
+
+from conftest import tiny_gpt2, tiny_llama
+
+DECODERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, labels only on each row's target part."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 90, (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX  # the source
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_loss_equals_peft_with_the_same_mlp_weights(arch):
+    model = DECODERS[arch]()
+    peft_model = build_peft(copy.deepcopy(model), 4, True, 16)
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.normal_(0, 0.5)
+    ours = build_ours(model, 4, True, 16)
+    copy_peft_weights(ours, peft_model)
+    batch = padded_batch()
+    mine, theirs = ours.loss(batch), peft_model(**batch).loss
+    assert abs(mine.item() - theirs.item()) <= 1e-4
+    mine.backward()
+    theirs.backward()
+    ours_grad = ours.encoder.parts["self"].mlp[2].weight.grad
+    peft_grad = peft_model.prompt_encoder.default.transform[2].weight.grad
+    torch.testing.assert_close(ours_grad, peft_grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_loss_equals_peft_through_an_exported_adapter(arch, tmp_path):
+    """The table case through interop's mapping: our folded prefix, exported, loaded by PEFT."""
+    model = DECODERS[arch]()
+    base = copy.deepcopy(model)
+    ours = build_ours(model, 5, False, 16)
+    with torch.no_grad():
+        ours.encoder.parts["self"].table.normal_(0, 0.5)
+    folded = FoldedPrefix(ours.encoder.bake(), {"base_model": arch})
+    export_peft(folded, tmp_path / "peft", base_model_name_or_path=arch, model_config=base.config)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    batch = padded_batch()
+    with torch.no_grad():
+        assert abs(ours.loss(batch).item() - peft_model(**batch).loss.item()) <= 1e-4
+
+
+def test_flop_counter_on_a_known_shape():
+    geo = geometry(tiny_gpt2().config)  # 2 layers, d 32, 4 heads of 8, ffn 128, vocab 96
+    assert (geo.layers, geo.hidden, geo.heads, geo.head_dim, geo.ffn) == (2, 32, 4, 8, 128)
+    assert geo.linear_per_token() == 2 * 2 * (4 * 32 * 32 + 2 * 32 * 128) == 49152
+    width = 2 * 2 * 4 * 8
+    flops = train_step_flops(geo, [5, 3], targets=4, prefix=2, mlp=(32, 16, width))
+    # attention: 4 * L * H * D * keys, keys = (2*5 + 15) + (2*3 + 6) = 37 seen (query, key) pairs
+    assert flops["attention_forward"] == 4 * 2 * 4 * 8 * 37 == 9472
+    assert flops["linear_forward"] == 8 * 49152
+    assert flops["head_forward"] == 4 * 2 * 32 * 96
+    assert flops["forward"] == 393216 + 9472 + 24576 == 427264
+    assert flops["backward"] == 393216 + 2 * 9472 + 24576
+    assert mlp_flops(2, 32, 16, width) == 2 * 2 * (32 * 16 + 16 * width) == 10240
+    assert flops["total"] == 427264 + 436736 + 3 * 10240
+    full = train_step_flops(geo, [5, 3], targets=4, weight_grads=True)
+    assert full["backward"] - train_step_flops(geo, [5, 3], targets=4)["backward"] == 393216 + 24576
+    gqa = geometry(tiny_llama().config)  # q/o 32x32, k/v 32x16, gated MLP 3 x 32x64
+    assert gqa.linear_per_token() == 2 * 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_flop_counter_matches_torch_on_the_matmuls(arch):
+    """Linear layers + LM head agree with torch's own counter (attention is counted apart)."""
+    model = DECODERS[arch]()
+    ids = torch.randint(3, 90, (2, 7))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    matmuls = sum(v for k, v in counter.get_flop_counts()["Global"].items()
+                  if str(k) in ("aten.mm", "aten.addmm"))  # fmt: skip
+    flops = train_step_flops(geometry(model.config), [7, 7], targets=14)
+    assert matmuls == flops["linear_forward"] + flops["head_forward"]
+
+
+def test_plan_covers_the_issue_matrix():
+    plan = dict(bench.build_plan(["all"], None, ["fp32"], quick=False, iters=5, warmup=1))
+    for model in ("gpt2-small-random", "smollm2"):
+        for length in (10, 200):
+            for variant in ("ours-mlp", "peft-mlp", "ours-table", "peft-table"):
+                spec = plan[f"train/{model}/fp32/P{length}/{variant}"]
+                assert (spec["batch"], spec["seq"], spec["prefix_len"]) == (8, 128, length)
+        assert f"train/{model}/fp32/finetune" in plan and f"train/{model}/fp32/frozen-floor" in plan
+    long = plan["long/smollm2/fp32/ours-ckpt"]
+    assert (long["batch"], long["seq"], long["prefix_len"], long["checkpointing"]) == (
+        4,
+        1024,
+        200,
+        True,
+    )
+    assert plan["generate/smollm2/fp32/peft"]["prompts"] == 8
+    assert plan["generate/smollm2/fp32/peft"]["new_tokens"] == 32
+    assert {"multitenant/smollm2/fp32/ours", "multitenant/smollm2/fp32/peft-switching",
+            "real/smollm2/fp32/ours", "real/smollm2/fp32/peft", "mfu/peak"} <= set(plan)  # fmt: skip
+    from prefixtune.models import native_bf16
+
+    dtypes, note = bench.resolve_dtypes(["auto"])
+    assert dtypes == (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
+    assert (note is None) == native_bf16("cpu")
+
+
+def test_memory_peak_covers_the_steps_only():
+    memory = Memory()
+    memory.reset()
+    if not memory.resettable:
+        pytest.skip("this OS cannot reset the peak resident memory")
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, touched
+    report = memory.report()
+    del block
+    assert report["step_extra_mb"] >= 48 and report["peak_covers"] == "the measured steps"
+
+
+def test_quick_suite_runs_end_to_end(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    code = bench.run(parser.parse_args(["--quick", "--suite", "all", "--out", str(out)]))
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"meta", "results", "comparisons", "mfu", "targets"}
+    assert report["meta"]["quick"] and report["meta"]["auto_dtype"] in ("fp32", "bf16")
+    results = report["results"]
+    suites = {name.split("/", 1)[0] for name in results}
+    assert suites == {"check", "train", "generate", "multitenant", "long", "mfu", "real"}
+    for name, result in results.items():
+        assert "error" not in result, (name, result.get("error"))
+        if name.endswith("/peft-ckpt"):
+            assert "gradient checkpointing" in result["refused"]
+        elif "median_s" in result:
+            assert len(result["times_s"]) == 5
+            assert result["min_s"] <= result["median_s"] <= result["max_s"]
+            assert result["peak_rss_mb"] > 0
+            assert result["live_peak_mb"] > 0  # the exact-malloc memory pass
+            assert result["memory_pass"]["exact_malloc"] in (True, False)
+    assert results["check/tiny-llama/equal-loss"]["abs_diff"] <= 1e-4
+    pairs = [p for p in report["comparisons"] if p["suite"] in ("generate", "multitenant")]
+    assert pairs and all(p["same_tokens_rows"] == "8/8" for p in pairs)  # same greedy tokens
+    assert {t["target"] for t in report["targets"]} == set(bench_report_targets())
+    assert all("mfu" in row for row in report["mfu"])
+    assert (tmp_path / "bench.md").read_text().startswith("# prefixtune bench")
+
+
+def bench_report_targets():
+    from prefixtune.bench_report import TARGETS
+
+    return TARGETS.values()
+
+
+def test_worker_command_prints_one_json_result():
+    spec = {"kind": "peak", "dtypes": ["fp32"], "quick": True}
+    done = subprocess.run(
+        [sys.executable, "-m", "prefixtune.bench", "--worker", json.dumps(spec), "--threads", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    line = [x for x in done.stdout.splitlines() if x.startswith(bench.RESULT_MARK)][-1]
+    result = json.loads(line[len(bench.RESULT_MARK) :])
+    assert result["fp32"]["gflops"] > 0 and result["fp32"]["threads"] == 1
