@@ -120,3 +120,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, bpe_tokenizer):
+    """A tiny GPT-2 and its tokenizer saved like any local model directory (for --model DIR)."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tiny_gpt2(TOKENIZER_VOCAB).save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    return path

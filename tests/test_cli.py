@@ -10,17 +10,6 @@ from prefixtune.artifact import load_prefix
 from prefixtune.cli import main
 from prefixtune.data import builtin_examples
 
-from conftest import TOKENIZER_VOCAB, tiny_gpt2
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, bpe_tokenizer):
-    """A tiny GPT-2 and tokenizer saved like any local model directory."""
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_gpt2(TOKENIZER_VOCAB).save_pretrained(path)
-    bpe_tokenizer.save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def jsonl(tmp_path):

@@ -15,7 +15,7 @@ from prefixtune.evaluate import Predictor, evaluate_run
 from prefixtune.generate import generate
 from prefixtune.train import train
 
-from conftest import TOKENIZER_VOCAB, tiny_gpt2, tiny_llama
+from conftest import TOKENIZER_VOCAB, tiny_llama
 
 GREEDY = GenerateConfig(max_new_tokens=6)
 
@@ -28,15 +28,6 @@ def task(tmp_path_factory):
         rows = [{"source": e.source, "target": e.target} for e in builtin_examples(split)[:n]]
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, bpe_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    tiny_gpt2(TOKENIZER_VOCAB).save_pretrained(path)
-    bpe_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
-import torch
 
 from prefixtune.cli import main
 from prefixtune.data import data_dir
 from prefixtune.experiments import SCALES, init_grid, lowdata_grid, summarise
 
-from conftest import TOKENIZER_VOCAB, tiny_gpt2
-
 needs_data = pytest.mark.skipif(not (data_dir() / "e2e").exists(), reason="no E2E data dir")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, bpe_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    tiny_gpt2(TOKENIZER_VOCAB).save_pretrained(path)
-    bpe_tokenizer.save_pretrained(path)
-    return path
 
 
 @needs_data
