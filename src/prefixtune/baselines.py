@@ -28,10 +28,6 @@ tests check generate() against full forwards for every method. `Loaded.logits` i
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +42,7 @@ from .adapters import infix_prompt_inputs  # re-exported for the generator (modu
 from .artifact import PREFIX_JSON, ArtifactError, _read_json, _read_tensors, check_fits, load_prefix
 from .attention import PrefixKV, prefixed_forward
 from .config import ConfigError, PrefixConfig
-from .files import atomic_write, atomic_write_json, sha256_file
+from .files import atomic_write, atomic_write_dir, atomic_write_json, sha256_file
 from .methods import Method, PrefixMethod, register
 from .models import freeze, is_encoder_decoder, model_id
 from .objective import hidden_states, target_loss
@@ -103,30 +99,15 @@ class Baseline(Reports, Method):
 
     def save_artifact(self, directory: Path, dtype: str = "float32", **meta: Any) -> None:
         tensors = {k: _cast(v, dtype) for k, v in self.tensors().items()}
-        write_dir(Path(directory), lambda tmp: save_tensors(tmp, tensors, self._meta(**meta)))
+        atomic_write_dir(
+            Path(directory), lambda tmp: save_tensors(tmp, tensors, self._meta(**meta))
+        )
 
 
 def _cast(tensor: Tensor, dtype: str) -> Tensor:
     if dtype not in _DTYPES:
         raise ArtifactError(f"save dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return tensor.detach().to(_DTYPES[dtype]) if tensor.is_floating_point() else tensor.detach()
-
-
-def write_dir(directory: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temp directory beside `directory`, then swap it in (never a half-written one)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    old = directory.with_name(f".{directory.name}.old")
-    try:
-        write(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_tensors(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -167,7 +148,7 @@ class FinetuneMethod(Baseline):
             self.model.save_pretrained(tmp, state_dict=state)
             atomic_write_json(tmp / METHOD_JSON, self._meta(**meta))
 
-        write_dir(Path(directory), write)
+        atomic_write_dir(Path(directory), write)
 
 
 class TopLayersMethod(Baseline):

@@ -7,16 +7,14 @@ is written into a temp directory and swapped in by renames, so a crash leaves th
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .files import atomic_write_dir
 from .methods import Method
 
 CHECKPOINT_DIR = "checkpoint"
@@ -46,10 +44,8 @@ def save_checkpoint(
     out: Path, method: Method, optimizer, scheduler, *, step: int, extra: dict[str, Any]
 ) -> Path:
     """Write out/checkpoint atomically (temp dir, then rename over the old one)."""
-    target = out / CHECKPOINT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
-    try:
+
+    def write(tmp: Path) -> None:
         method.save_checkpoint(tmp)
         state = {
             "step": step,
@@ -59,16 +55,8 @@ def save_checkpoint(
             **extra,
         }
         torch.save(state, tmp / TRAINER_STATE)
-        old = out / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_write_dir(out / CHECKPOINT_DIR, write)
 
 
 def find_checkpoint(out: Path) -> Path | None:
