@@ -103,3 +103,58 @@ def test_prefix_for_a_different_base_model_is_refused(run_dir, bpe_tokenizer):
     prefix = load_prefix(run_dir / "prefix")
     with pytest.raises(ArtifactError, match="kv heads"):
         Predictor(tiny_llama(TOKENIZER_VOCAB), bpe_tokenizer, prefix)
+
+
+def test_separator_is_kept_from_training_to_inference(task, model_dir, tmp_path):
+    from prefixtune.data import encode, load_examples
+    from prefixtune.models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+
+    separator = "\nTL;DR: "
+    config = TrainConfig(data=str(task), model=str(model_dir), out=str(tmp_path / "run"),
+                         max_steps=1, batch_size=4, progress=False, separator=separator,
+                         max_source_tokens=40, max_target_tokens=16)  # fmt: skip
+    train(config, PrefixConfig(length=2, reparam=False))
+    prefix = load_prefix(tmp_path / "run" / "prefix")
+    assert prefix.meta["separator"] == separator
+    example = load_examples(str(task), "test")[0]
+    (item,), _ = encode([example], tokenizer, encoder_decoder=False, max_source_tokens=40,
+                        max_target_tokens=16, separator=separator)  # fmt: skip
+    trained_prompt = [t for t, label in zip(item.input_ids, item.labels, strict=True) if label < 0]
+    predictor = Predictor(model, tokenizer, prefix, 40)
+    assert predictor.prompt(example.source) == trained_prompt
+    assert trained_prompt != prompt_ids(example.source, tokenizer, max_source_tokens=40)
+    explicit = Predictor(model, tokenizer, prefix, 40, separator="\n")
+    assert explicit.prompt(example.source) == prompt_ids(example.source, tokenizer,
+                                                         max_source_tokens=40)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["finetune", "ft-top2", "adapter", "embedding", "infix"])
+def test_every_method_evaluates_with_the_same_command(method, task, model_dir, tmp_path):
+    from prefixtune.baselines import load_method_artifact
+    from prefixtune.models import load_model
+
+    out = tmp_path / method
+    config = TrainConfig(data=str(task), model=str(model_dir), out=str(out), max_steps=2,
+                         batch_size=4, lr=0.05, progress=False, method=method,
+                         max_source_tokens=40, max_target_tokens=16)  # fmt: skip
+    train(config, PrefixConfig(length=2, reparam=False))
+    assert main(["evaluate", "--run", str(out), "--bootstrap", "0",
+                 "--preset", "greedy", "--max-new-tokens", "6", "--no-progress"]) == 0  # fmt: skip
+    predictions = (out / "eval-test" / "predictions.txt").read_text().splitlines()
+    assert len(predictions) == 5  # every test item
+    model, tokenizer = load_model(str(model_dir))
+    loaded = load_method_artifact(out / "prefix", model)
+    source = load_examples_grouped(task)[0].source
+    ids = torch.tensor([prompt_ids(source, tokenizer, max_source_tokens=40)])
+    mask = torch.ones_like(ids)
+    alone = generate(loaded.model, ids, mask, loaded.prompt_inputs(mask)[0], GREEDY,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert tokenizer.decode(alone[0], skip_special_tokens=True).strip() in predictions
+
+
+def load_examples_grouped(task):
+    from prefixtune.data import load_examples
+
+    return load_examples(str(task), "test", grouped=True)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from prefixtune import attention
 from prefixtune.attention import SITE_ATTR, KVCapture, PrefixKV, prefixed_forward
 from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.models import enable_gradient_checkpointing
@@ -109,6 +110,15 @@ def test_bart_each_prefix_kind_changes_output_and_can_be_switched_off():
             switched_off.parts[k].table.data.copy_(full.parts[k].table.data)
         expected = logits(model, X, prefix=PrefixKV({k: kv[k] for k in kinds}), **extra)
         torch.testing.assert_close(logits(model, X, prefix=switched_off(), **extra), expected)
+
+
+def test_native_gqa_path_equals_repeated_heads(monkeypatch):
+    model = tiny_llama()  # 4 query heads share 2 kv heads
+    prefix = PrefixKV.stack([build_encoder(model, PrefixConfig(length=3, reparam=False)).bake()])
+    ids, mask = torch.tensor([[0, 9, 8, 7], [4, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1], [1] * 4])
+    native = logits(model, ids, mask, prefix)
+    monkeypatch.setattr(attention, "_native_gqa", lambda *args: False)  # transformers' repeat_kv
+    torch.testing.assert_close(native, logits(model, ids, mask, prefix), atol=1e-6, rtol=0)
 
 
 def test_shapes_follow_gqa_and_head_dim():

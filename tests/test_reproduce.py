@@ -7,8 +7,9 @@ import csv
 import pytest
 
 from prefixtune.cli import main
-from prefixtune.data import data_dir
-from prefixtune.experiments import SCALES, init_grid, lowdata_grid, summarise
+from prefixtune.data import data_dir, load_examples
+from prefixtune.datasets import SPLITS
+from prefixtune.experiments import SCALES, init_grid, lowdata_grid, summarise, xsum_grid
 
 needs_data = pytest.mark.skipif(not (data_dir() / "e2e").exists(), reason="no E2E data dir")
 
@@ -51,3 +52,38 @@ def test_lowdata_grid_pairs_methods_on_the_same_subsamples():
         (s.labels["size"], s.labels["seed"]) for s in grid if s.labels["method"] == "finetune"
     }
     assert prefix == finetune and len(prefix) == 4 * 2
+
+
+needs_xsum = pytest.mark.skipif(not (data_dir() / "xsum").exists(), reason="no XSum data dir")
+
+
+def test_xsum_grids_compare_prefix_and_finetune_in_the_tldr_format():
+    plain, sports = xsum_grid(SCALES["small"]), xsum_grid(SCALES["small"], sports=True)
+    assert [s.labels["method"] for s in plain] == ["prefix", "finetune"]
+    assert all(s.train["separator"] == "\nTL;DR: " for s in plain + sports)
+    assert {s.test_split for s in plain} == {"test"}
+    assert {(s.train["train_split"], s.train["dev_split"], s.test_split) for s in sports} == {
+        ("news-train", "news-dev", "sports-test")
+    }
+
+
+@needs_xsum
+def test_news_to_sports_splits_are_disjoint_and_drawn_from_ours():
+    ids = {s: {e.meta["id"] for e in load_examples("xsum", s)} for s in SPLITS["xsum"]}
+    assert ids["news-train"] < ids["train"] and ids["news-dev"] < ids["dev"]
+    assert not (ids["news-train"] | ids["news-dev"]) & ids["sports-test"]
+    assert 50 < len(ids["sports-test"]) < 500  # sport is one BBC section among many
+
+
+@needs_xsum
+def test_tiny_news_to_sports_writes_the_paper_table_layout(model_dir, tmp_path):
+    argv = ["reproduce", "xsum-sports", "--scale", "tiny", "--model", str(model_dir),
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]  # fmt: skip
+    assert main(argv) == 0
+    table = (tmp_path / "results" / "xsum-sports" / "results.md").read_text()
+    assert "| method | % params | ROUGE_1 | ROUGE_2 | ROUGE_L |" in table
+    prefix_row, finetune_row = (line for line in table.splitlines() if line.startswith("| ") and
+                                line.split("|")[1].strip() in ("prefix", "finetune"))  # fmt: skip
+    assert "100%" in finetune_row and "100%" not in prefix_row
+    report = tmp_path / "runs" / "xsum-sports-tiny" / "prefix" / "eval-sports-test" / "metrics.json"
+    assert report.exists()

@@ -415,7 +415,11 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
     clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for c in clients:
         c.start()
-    while server.scheduler.stats()["running"] == 0 and time.monotonic() < deadline:
+    def submitted() -> int:  # queued, decoding or answered: every client got through uvicorn
+        stats = server.scheduler.stats()
+        return stats["waiting"] + stats["running"] + stats["requests"]
+
+    while submitted() < len(clients) and time.monotonic() < deadline:
         time.sleep(0.002)
     uv.should_exit = True
     for c in clients:
@@ -457,3 +461,22 @@ def test_bench_serve_smoke(served, tmp_path):
     assert set(saved["modes"]) == {"mixed_continuous", "mixed_dynamic", "per_prefix"}
     assert report["ratios"]["mixed_continuous_vs_per_prefix"]["throughput"] > 0
     assert report["outputs_agree_with_per_prefix"]["mixed_continuous"] == 1.0
+
+
+def test_each_prefix_is_prompted_with_its_trained_separator(served, tmp_path):
+    server, _, _ = served
+    shapes = model_shapes(server.model)
+    save_prefix(tmp_path / "tldr", random_prefix(shapes, 2), base_model="tiny",
+                extra={"separator": " TL;DR: "})  # fmt: skip
+    server.bank.load("tldr", tmp_path / "tldr")
+    source = SOURCES[0]
+    tldr = prompt_ids(source, server.tokenizer, separator=" TL;DR: ")
+    assert server.prompt(source, "tldr") == tldr != server.prompt(source, "p0")
+    assert server.prompt(source, None) == prompt_ids(source, server.tokenizer)
+
+    async def body(client):
+        return await client.post("/v1/generate", json={"prefix": "tldr", "input": source,
+                                                       "max_new_tokens": 8})  # fmt: skip
+
+    want = expected_texts(server.model, server.tokenizer, tmp_path, "tldr", [source])[0]
+    assert call(server, body).json()["text"] == want

@@ -63,6 +63,12 @@ def _shapes_json(shapes: dict[str, KindShape]) -> dict[str, list[int]]:
     return {kind: [s.layers, s.heads, s.head_dim] for kind, s in shapes.items()}
 
 
+def trained_separator(meta: dict[str, Any]) -> str:
+    """The prompt separator an artifact was trained with ("\n" for artifacts older than it)."""
+    separator = meta.get("separator", "\n")
+    return separator if isinstance(separator, str) else "\n"
+
+
 def save_prefix(
     directory: str | Path,
     kv: dict[str, Tensor],

@@ -106,6 +106,9 @@ class TrainConfig:
     """cpu, cuda, or auto (cuda when available)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time; for long inputs)."""
+    separator: str = "\n"
+    """Decoder-only prompt format: [BOS] source SEPARATOR target (e.g. '\nTL;DR: ' for
+    summaries). Kept with the run and the prefix artifact; evaluate, generate and serve reuse it."""
     max_source_tokens: int = 256
     """Truncate sources to this many tokens (counted and reported)."""
     max_target_tokens: int = 128

@@ -67,7 +67,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_arguments_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prefix", help="a run directory or prefix directory (omit: no prefix)")
+    parser.add_argument("--prefix", help="a run directory or a trained artifact of any method "
+                        "(prefix, infix, embedding, adapter, ft-top2, finetune; omit: none)")  # fmt: skip
     parser.add_argument(
         "--model", help="base model (default: the run's, else the embedded default)"
     )
@@ -75,6 +76,11 @@ def add_arguments_generate(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--input", action="append", help="a source text (repeatable)")
     source.add_argument("--file", help="a file with one source per line ('-' for stdin)")
     parser.add_argument("--max-source-tokens", type=int, default=256, help="truncate sources")
+    parser.add_argument(
+        "--separator",
+        help="text between source and output in a decoder-only prompt "
+        "(default: the one the prefix was trained with, else a newline)",
+    )
     _add_decoding(parser, "greedy")
 
 
@@ -95,20 +101,16 @@ def _read_sources(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _prefix_and_model(args: argparse.Namespace):
-    from .artifact import load_prefix
-
+def _artifact_and_model(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    """The artifact directory (a run's prefix/ or the directory given) and the model to load."""
     if not args.prefix:
         return None, args.model
     path = Path(args.prefix)
     run_json = path / "run.json"
-    model = args.model
-    if run_json.exists():
-        model = model or json.loads(run_json.read_text())["train_config"].get("model")
-        path = path / "prefix"
-    prefix = load_prefix(path)
-    prefix.meta["path"] = str(path)
-    return prefix, model
+    if not run_json.exists():
+        return path, args.model
+    model = args.model or json.loads(run_json.read_text())["train_config"].get("model")
+    return path / "prefix", model
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -117,9 +119,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     sources = _read_sources(args)
     config = _generate_config(args)
-    prefix, model_name = _prefix_and_model(args)
+    artifact, model_name = _artifact_and_model(args)
     model, tokenizer = load_model(model_name or None)
-    predictor = Predictor(model, tokenizer, prefix, args.max_source_tokens)
+    if artifact is None:
+        predictor = Predictor(model, tokenizer, None, args.max_source_tokens, args.separator)
+    else:
+        predictor = Predictor.from_artifact(artifact, model, tokenizer, args.max_source_tokens,
+                                            args.separator)  # fmt: skip
     for line in predictor.predict(sources, config, batch_size=args.batch_size):
         print(line)
     return 0

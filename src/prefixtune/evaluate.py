@@ -16,12 +16,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import FoldedPrefix, check_fits, load_prefix
+from .artifact import FoldedPrefix, check_fits, trained_separator
 from .attention import PrefixKV
 from .config import ConfigError, GenerateConfig
 from .data import DATASETS, Encoded, Example, collate_seq2seq, load_examples, prompt_ids, subsample
@@ -31,20 +31,45 @@ from .metrics import score
 from .models import is_encoder_decoder, load_model
 from .prefix import model_shapes
 
+if TYPE_CHECKING:
+    from .baselines import Loaded
+
 
 @dataclass
 class Predictor:
-    """Text in, text out: a frozen model, its tokenizer and an optional folded prefix."""
+    """Text in, text out: a frozen model, its tokenizer and an optional folded prefix, or any
+    method's trained artifact (`from_artifact`: prefix, infix, embedding, adapter, ft-top2,
+    finetune).
+
+    `separator` (decoder-only prompt format) defaults to the one the artifact was trained with.
+    """
 
     model: Any
     tokenizer: Any
     prefix: FoldedPrefix | None = None
     max_source_tokens: int = 256
+    separator: str | None = None
+    loaded: Loaded | None = None
 
     def __post_init__(self) -> None:
         if self.prefix is not None:
             where = str(self.prefix.meta.get("path", "prefix"))
             check_fits(self.prefix.shapes(), model_shapes(self.model), where)
+        if self.separator is None:
+            meta = self.loaded.meta if self.loaded else self.prefix.meta if self.prefix else {}
+            self.separator = trained_separator(meta)
+
+    @classmethod
+    def from_artifact(cls, directory: str | Path, model: Any, tokenizer: Any,
+                      max_source_tokens: int = 256, separator: str | None = None) -> Predictor:  # fmt: skip
+        """A predictor for whatever `directory` holds (a run's prefix/ of any --method).
+
+        ft-top2 and adapter artifacts load into `model` itself; finetune loads a copy.
+        """
+        from .baselines import load_method_artifact
+
+        loaded = load_method_artifact(directory, model)
+        return cls(loaded.model, tokenizer, None, max_source_tokens, separator, loaded)
 
     def prompt(self, source: str) -> list[int]:
         if not source.strip():
@@ -52,7 +77,8 @@ class Predictor:
         if is_encoder_decoder(self.model):
             ids = self.tokenizer(source, truncation=True, max_length=self.max_source_tokens)
             return ids["input_ids"]
-        return prompt_ids(source, self.tokenizer, max_source_tokens=self.max_source_tokens)
+        return prompt_ids(source, self.tokenizer, separator=self.separator,
+                          max_source_tokens=self.max_source_tokens)  # fmt: skip
 
     def _pad(self, rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only prompts are left-padded; BART encoder inputs right-padded (its learned
@@ -62,7 +88,10 @@ class Predictor:
         batch = collate_seq2seq([Encoded(r, [pad]) for r in rows], pad)
         return batch["input_ids"], batch["attention_mask"]
 
-    def _prefix_kv(self) -> PrefixKV | None:
+    def _prefix_kv(self, mask: torch.Tensor) -> PrefixKV | None:
+        """The batch's prefix; an infix also needs the (B, T) prompt mask to place itself."""
+        if self.loaded is not None:
+            return self.loaded.prompt_inputs(mask)[0]
         return None if self.prefix is None else self.prefix.to_prefix_kv(self.model.device)
 
     def predict(
@@ -74,14 +103,12 @@ class Predictor:
         outputs: list[str] = [""] * len(prompts)
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
-        prefix = self._prefix_kv()
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="generate", disable=not progress, dynamic_ncols=True):
             ids, mask = self._pad([prompts[i] for i in batch], pad)
-            generated = generate(
-                self.model, ids.to(self.model.device), mask.to(self.model.device), prefix, config,
-                eos_token_id=eos, pad_token_id=pad,
-            )  # fmt: skip
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+            generated = generate(self.model, ids, mask, self._prefix_kv(mask), config,
+                                 eos_token_id=eos, pad_token_id=pad)  # fmt: skip
             for index, tokens in zip(batch, generated, strict=True):
                 outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         return outputs
@@ -156,9 +183,8 @@ def evaluate_run(
         examples = subsample(examples, limit, seed=0)
     if model is None:
         model, tokenizer = load_model(train.get("model") or None)
-    prefix = load_prefix(run / "prefix")
-    prefix.meta["path"] = str(run / "prefix")
-    predictor = Predictor(model, tokenizer, prefix, train.get("max_source_tokens", 256))
+    predictor = Predictor.from_artifact(run / "prefix", model, tokenizer,
+                                        train.get("max_source_tokens", 256))  # fmt: skip
     config = config or GenerateConfig.preset("table-to-text")
     predictions = predictor.predict([e.source for e in examples], config, batch_size=batch_size,
                                     progress=progress)  # fmt: skip

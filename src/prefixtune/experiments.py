@@ -45,6 +45,9 @@ class RunSpec:
     labels: dict[str, Any]
     train: dict[str, Any]
     prefix: dict[str, Any] = field(default_factory=dict)
+    test_split: str = "test"
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the scale's test/new_tokens/beams for this run's scoring."""
 
 
 def _base(scale: dict[str, Any], data: str, seed: int) -> dict[str, Any]:
@@ -117,12 +120,50 @@ def table1_grid(scale: dict[str, Any], data: str = "e2e") -> list[RunSpec]:
     return runs
 
 
+# Summaries: long prompts ("<article>\nTL;DR: <summary>"), so fewer, smaller steps than E2E.
+XSUM_SCALES: dict[str, dict[str, Any]] = {
+    "tiny": {"batch": 2, "source_tokens": 64, "target_tokens": 16, "length": 4},
+    "small": {"steps": 100, "batch": 4, "test": 50, "dev": 50, "source_tokens": 400,
+              "target_tokens": 64, "new_tokens": 60, "length": 100},
+    "full": {"batch": 8, "source_tokens": 512, "target_tokens": 64, "new_tokens": 60,
+             "beams": 6, "length": 200},
+}  # fmt: skip
+XSUM_SEPARATOR = "\nTL;DR: "
+
+
+def xsum_grid(scale: dict[str, Any], sports: bool = False) -> list[RunSpec]:
+    """Tables 2-3: prefix vs fine-tune on XSum as "article TL;DR: summary" (decoder-only).
+
+    sports=False: our 800/100/100 split of the available docs; sports=True: train on news,
+    test on sport (news-train / news-dev / sports-test, see datasets._read_xsum).
+    """
+    xsum = {**scale, **XSUM_SCALES[_scale_name(scale)]}
+    runs = []
+    for method in ("prefix", "finetune"):
+        train = {**_base(xsum, "xsum", 0), "method": method, "separator": XSUM_SEPARATOR}
+        if sports:
+            train.update(train_split="news-train", dev_split="news-dev")
+        if method == "finetune":
+            train["lr"] = 5e-5
+        prefix = {"length": xsum["length"], "init": "words", "init_text": "summarize"}
+        runs.append(RunSpec(method, {"method": method}, train, prefix if method == "prefix" else {},
+                            "sports-test" if sports else "test",
+                            {k: xsum[k] for k in ("test", "new_tokens", "beams")}))  # fmt: skip
+    return runs
+
+
+def _scale_name(scale: dict[str, Any]) -> str:
+    return next(name for name, known in SCALES.items() if known is scale)
+
+
 GRIDS: dict[str, Callable[[dict[str, Any]], list[RunSpec]]] = {
     "lowdata": lowdata_grid,
     "length": length_grid,
     "init": init_grid,
     "table1": table1_grid,
     "table1-webnlg": lambda scale: table1_grid(scale, "webnlg"),
+    "xsum": xsum_grid,
+    "xsum-sports": lambda scale: xsum_grid(scale, sports=True),
 }
 
 
@@ -134,17 +175,25 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
     run_dir = root / spec.name
     done = run_dir / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        return _with_share(json.loads(done.read_text()), run_dir)
     config = TrainConfig(**{**spec.train, "model": model, "out": str(run_dir), "resume": True,
                             "progress": False})  # fmt: skip
     summary = train(config, PrefixConfig(**spec.prefix))
-    generation = GenerateConfig(max_new_tokens=scale["new_tokens"], num_beams=scale["beams"])
-    report = evaluate_run(run_dir, "test", config=generation,
-                          limit=scale["test"], bootstrap=0, progress=False)  # fmt: skip
+    scoring = {**scale, **spec.evaluation}
+    generation = GenerateConfig(max_new_tokens=scoring["new_tokens"], num_beams=scoring["beams"])
+    report = evaluate_run(run_dir, spec.test_split, config=generation,
+                          limit=scoring["test"], bootstrap=0, progress=False)  # fmt: skip
     row = {**spec.labels, "run": spec.name, **report["metrics"],
            "dev_loss": summary["best_dev_loss"], "trainable": summary["trainable_parameters"],
-           "seconds": summary["seconds"]}  # fmt: skip
+           "trainable_share": summary["trainable_share"], "seconds": summary["seconds"]}  # fmt: skip
     atomic_write_json(done, row)
+    return row
+
+
+def _with_share(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Rows written before trainable_share was recorded take it from the run's run.json."""
+    if "trainable_share" not in row and (run_dir / "run.json").exists():
+        row["trainable_share"] = json.loads((run_dir / "run.json").read_text())["trainable_share"]
     return row
 
 

@@ -1,7 +1,7 @@
 """Reproduce the paper's findings: `prefixtune reproduce <experiment> --scale small`.
 
 Experiments: lowdata (Figure 3), length (Figure 4), init (Figure 5), table1 and table1-webnlg
-(Table 1 layout). Each writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
+(Table 1 layout), xsum and xsum-sports (Tables 2-3: summarisation and news-to-sports). Each writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
 runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never redone.
 """
 
@@ -24,8 +24,18 @@ from .files import atomic_write_text
 
 # What each experiment groups by and plots on its x axis.
 GROUPING = {"lowdata": ("size", "method"), "length": ("length", None), "init": ("init", None),
-            "table1": ("method", None), "table1-webnlg": ("method", None)}  # fmt: skip
-METRICS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all", "TER_all")}
+            "table1": ("method", None), "table1-webnlg": ("method", None),
+            "xsum": ("method", None), "xsum-sports": ("method", None)}  # fmt: skip
+METRICS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all", "TER_all"),
+           "xsum": ("ROUGE_1", "ROUGE_2", "ROUGE_L"),
+           "xsum-sports": ("ROUGE_1", "ROUGE_2", "ROUGE_L")}  # fmt: skip
+# Experiments reported as the paper's tables: one row per method, its share of trainable
+# parameters, then the paper's columns (Table 1: E2E; WebNLG seen/unseen/all; Tables 2-3: ROUGE).
+WEBNLG_COLUMNS = tuple(f"{m}_{c}" for m in ("BLEU", "METEOR", "TER")
+                       for c in ("seen", "unseen", "all"))  # fmt: skip
+TABLE_LAYOUT = {"table1": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
+                "table1-webnlg": WEBNLG_COLUMNS,
+                "xsum": METRICS["xsum"], "xsum-sports": METRICS["xsum"]}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,13 +90,38 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
                 entry[series] = key_rows[0][series]
             table.append(entry)
     write_results(rows, out)
-    columns = keys + ["runs"] + [c for m in metrics for c in (m, f"{m}_sd")]
-    text = (f"# {name} ({scale} scale)\n\nCommand: `{command}`\n\n"
+    head = f"# {name} ({scale} scale)\n\nCommand: `{command}`\n\n"
+    if name in TABLE_LAYOUT:
+        text = (
+            head
+            + method_table(rows, TABLE_LAYOUT[name])
+            + (
+                "\nOne seed; test subset, best-dev-loss weights. % params: trainable share of the "
+                "base model.\n"
+            )
+        )
+    else:
+        columns = keys + ["runs"] + [c for m in metrics for c in (m, f"{m}_sd")]
+        text = (
+            head
             + markdown_table(table, columns)
-            + "\nMeans and standard deviations across seeds; test subset, best-dev-loss prefix.\n")  # fmt: skip
+            + ("\nMeans and standard deviations across seeds; test subset, best-dev-loss prefix.\n")
+        )
     atomic_write_text(out / "results.md", text)
     plot(table, x, series, metrics[0], out / f"{name}.png")
     return text
+
+
+def method_table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+    """The paper's table layout: method | % params | metrics, rows in grid order."""
+    table = [{**row, "% params": _percent(row.get("trainable_share"))} for row in rows]
+    return markdown_table(table, ["method", "% params", *metrics])
+
+
+def _percent(share: float | None) -> str:
+    if share is None:
+        return ""
+    return f"{100 * share:.3g}%"
 
 
 def _split(rows: list[dict[str, Any]], series: str | None) -> list[list[dict[str, Any]]]:

@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from .artifact import ArtifactError
+from .artifact import ArtifactError, trained_separator
 from .bank import PrefixBank, UnknownPrefixError
 from .config import ConfigError, GenerateConfig
 from .data import prompt_ids
@@ -142,10 +142,12 @@ class Server:
     config: ServeConfig
     draining: bool = False
 
-    def prompt(self, text: str) -> list[int]:
+    def prompt(self, text: str, prefix_id: str | None) -> list[int]:
+        """Prompt ids in the format the prefix was trained with."""
         if is_encoder_decoder(self.model):
             return self.tokenizer(text)["input_ids"]
-        return prompt_ids(text, self.tokenizer)
+        meta = {} if prefix_id is None else self.bank.get(prefix_id).meta
+        return prompt_ids(text, self.tokenizer, separator=trained_separator(meta))
 
     def context(self) -> int | None:
         text = self.model.config.get_text_config()
@@ -210,7 +212,7 @@ def create_app(server: Server) -> FastAPI:
         except UnknownPrefixError:
             raise _unknown(body.prefix) from None
         server.check_chars(body.input)
-        prompt = server.prompt(body.input)
+        prompt = server.prompt(body.input, body.prefix)
         server.check_length(prompt, prefix_len, body.max_new_tokens)
         try:
             future = server.scheduler.submit(prompt, body.prefix, body.generate_config())

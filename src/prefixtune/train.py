@@ -133,6 +133,7 @@ def encode_examples(examples, model, tokenizer, config: TrainConfig) -> list[Enc
         encoder_decoder=is_encoder_decoder(model),
         max_source_tokens=config.max_source_tokens,
         max_target_tokens=config.max_target_tokens,
+        separator=config.separator,
     )
     if stats.warning():
         log.warning(stats.warning())
@@ -270,9 +271,13 @@ class Trainer:
         if loss < self.state["best_dev"]:
             self.state["best_dev"] = loss
             if self.is_main:
-                self.method.save_artifact(self.artifact_dir, dtype=self.config.save_dtype,
-                                          step=step, dev_loss=loss)  # fmt: skip
+                self._save_artifact(step=step, dev_loss=loss)
         return loss
+
+    def _save_artifact(self, **meta: Any) -> None:
+        """The loadable result, with the prompt format that inference must reuse."""
+        self.method.save_artifact(self.artifact_dir, dtype=self.config.save_dtype,
+                                  separator=self.config.separator, **meta)  # fmt: skip
 
     def _checkpoint(self, step: int) -> None:
         if not self.is_main:
@@ -347,8 +352,7 @@ class Trainer:
         bar.close()
         final_dev = self._evaluate(self.total_steps)
         if final_dev is None and self.is_main:
-            self.method.save_artifact(self.artifact_dir, dtype=config.save_dtype,
-                                      step=self.total_steps)  # fmt: skip
+            self._save_artifact(step=self.total_steps)
         self.state["step"] = self.total_steps
         self._checkpoint(self.total_steps)
         summary = self._write_summary(final_dev, loss, time.perf_counter() - began, tokens_seen)
