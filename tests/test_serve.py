@@ -415,6 +415,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
     clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for c in clients:
         c.start()
+
     def submitted() -> int:  # queued, decoding or answered: every client got through uvicorn
         stats = server.scheduler.stats()
         return stats["waiting"] + stats["running"] + stats["requests"]
