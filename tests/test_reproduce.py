@@ -81,7 +81,7 @@ def test_tiny_news_to_sports_writes_the_paper_table_layout(model_dir, tmp_path):
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]  # fmt: skip
     assert main(argv) == 0
     table = (tmp_path / "results" / "xsum-sports" / "results.md").read_text()
-    assert "| method | % params | ROUGE_1 | ROUGE_2 | ROUGE_L |" in table
+    assert "| method | % params | % trained | ROUGE_1 | ROUGE_2 | ROUGE_L |" in table
     prefix_row, finetune_row = (line for line in table.splitlines() if line.startswith("| ") and
                                 line.split("|")[1].strip() in ("prefix", "finetune"))  # fmt: skip
     assert "100%" in finetune_row and "100%" not in prefix_row

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,7 +176,7 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
     run_dir = root / spec.name
     done = run_dir / "result.json"
     if done.exists():
-        return _with_share(json.loads(done.read_text()), run_dir)
+        return with_shares(json.loads(done.read_text()), run_dir)
     config = TrainConfig(**{**spec.train, "model": model, "out": str(run_dir), "resume": True,
                             "progress": False})  # fmt: skip
     summary = train(config, PrefixConfig(**spec.prefix))
@@ -185,16 +186,34 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
                           limit=scoring["test"], bootstrap=0, progress=False)  # fmt: skip
     row = {**spec.labels, "run": spec.name, **report["metrics"],
            "dev_loss": summary["best_dev_loss"], "trainable": summary["trainable_parameters"],
-           "trainable_share": summary["trainable_share"], "seconds": summary["seconds"]}  # fmt: skip
+           "seconds": summary["seconds"]}  # fmt: skip
+    row = with_shares(row, run_dir)
     atomic_write_json(done, row)
     return row
 
 
-def _with_share(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Rows written before trainable_share was recorded take it from the run's run.json."""
-    if "trainable_share" not in row and (run_dir / "run.json").exists():
-        row["trainable_share"] = json.loads((run_dir / "run.json").read_text())["trainable_share"]
-    return row
+def with_shares(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Add the trained and the stored share of the base model's parameters to a result row.
+
+    trainable_share: what the optimizer updates (a prefix's MLP reparameterisation included);
+    stored_share: what the saved artifact keeps per task (the paper's "% params": a prefix is its
+    folded keys/values). Rows of runs finished before these were recorded get them too.
+    """
+    summary = json.loads((run_dir / "run.json").read_text())
+    base = summary["trainable_parameters"] / summary["trainable_share"]
+    stored = stored_parameters(run_dir / "prefix")
+    return {**row, "trainable_share": summary["trainable_share"], "stored_share": stored / base}
+
+
+def stored_parameters(directory: Path) -> int:
+    """Number of values in the safetensors files of an artifact directory."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as tensors:
+            total += sum(math.prod(tensors.get_slice(k).get_shape()) for k in tensors.keys())  # noqa: SIM118 (no __iter__)
+    return total
 
 
 def summarise(rows: list[dict[str, Any]], group_by: str, metrics=("BLEU", "ROUGE_L")) -> list[dict]:
