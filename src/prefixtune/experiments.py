@@ -124,8 +124,8 @@ def table1_grid(scale: dict[str, Any], data: str = "e2e") -> list[RunSpec]:
 # Summaries: long prompts ("<article>\nTL;DR: <summary>"), so fewer, smaller steps than E2E.
 XSUM_SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"batch": 2, "source_tokens": 64, "target_tokens": 16, "length": 4},
-    "small": {"steps": 100, "batch": 4, "test": 50, "dev": 50, "source_tokens": 400,
-              "target_tokens": 64, "new_tokens": 60, "length": 100},
+    "small": {"steps": 60, "batch": 4, "test": 50, "dev": 30, "source_tokens": 320,
+              "target_tokens": 48, "new_tokens": 48, "length": 100},
     "full": {"batch": 8, "source_tokens": 512, "target_tokens": 64, "new_tokens": 60,
              "beams": 6, "length": 200},
 }  # fmt: skip
