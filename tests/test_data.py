@@ -18,6 +18,7 @@ from prefixtune import datasets as ds
 from prefixtune.data import (
     DATASETS,
     IGNORE_INDEX,
+    SPLITS,
     DataError,
     Encoded,
     Example,
@@ -174,6 +175,7 @@ def make_xsum(root: Path, n: int = 20) -> list[dict]:
     rows = []
     for i in range(n):
         doc = f"Document number {i}." + (" Media playback is not supported." if i % 5 == 0 else "")
+        doc += {11: " The striker scored as the club won.", 12: " The club won."}.get(i, "")
         rows.append({"document": doc, "summary": f"Summary {i}.", "id": 1000 + i})
     write(root / "xsum/test_subset1000_davidfanzz.jsonl.gz", jsonl(rows))
     sections = [
@@ -348,6 +350,15 @@ def test_xsum_reader(root):
     assert every["1007"].source == "Document number 7." and every["1007"].target == "Summary 7."
     counts = list(xsum_split_of([str(i) for i in range(1000)]).values())
     assert (counts.count("train"), counts.count("dev"), counts.count("test")) == (800, 100, 100)
+
+
+def test_xsum_news_to_sports_splits(root):
+    ids = {s: {e.meta["id"] for e in load_examples("xsum", s, root=root)} for s in SPLITS["xsum"]}
+    # sport: the two text cues (every 5th doc), a known sport/ section (1003), >= 3 sport words
+    # (1011: striker, scored, club, won); 1012 has only two (club, won)
+    sport = {"1000", "1005", "1010", "1015", "1003", "1011"}
+    assert ids["sports-test"] == sport
+    assert ids["news-train"] == ids["train"] - sport and ids["news-dev"] == ids["dev"] - sport
 
 
 def test_jsonl_reader(tmp_path):

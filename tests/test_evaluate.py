@@ -132,29 +132,31 @@ def test_separator_is_kept_from_training_to_inference(task, model_dir, tmp_path)
 
 @pytest.mark.parametrize("method", ["finetune", "ft-top2", "adapter", "embedding", "infix"])
 def test_every_method_evaluates_with_the_same_command(method, task, model_dir, tmp_path):
+    """`evaluate --run` on any method's run gives, item by item, what the loaded artifact
+    generates alone, in the run's own prompt format (a non-default separator)."""
     from prefixtune.baselines import load_method_artifact
+    from prefixtune.data import load_examples
     from prefixtune.models import load_model
 
-    out = tmp_path / method
+    out, separator = tmp_path / method, " =>"
     config = TrainConfig(data=str(task), model=str(model_dir), out=str(out), max_steps=2,
-                         batch_size=4, lr=0.05, progress=False, method=method,
+                         batch_size=4, lr=0.05, progress=False, method=method, separator=separator,
                          max_source_tokens=40, max_target_tokens=16)  # fmt: skip
     train(config, PrefixConfig(length=2, reparam=False))
     assert main(["evaluate", "--run", str(out), "--bootstrap", "0",
                  "--preset", "greedy", "--max-new-tokens", "6", "--no-progress"]) == 0  # fmt: skip
     predictions = (out / "eval-test" / "predictions.txt").read_text().splitlines()
-    assert len(predictions) == 5  # every test item
-    model, tokenizer = load_model(str(model_dir))
-    loaded = load_method_artifact(out / "prefix", model)
-    source = load_examples_grouped(task)[0].source
-    ids = torch.tensor([prompt_ids(source, tokenizer, max_source_tokens=40)])
-    mask = torch.ones_like(ids)
-    alone = generate(loaded.model, ids, mask, loaded.prompt_inputs(mask)[0], GREEDY,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    assert tokenizer.decode(alone[0], skip_special_tokens=True).strip() in predictions
-
-
-def load_examples_grouped(task):
-    from prefixtune.data import load_examples
-
-    return load_examples(str(task), "test", grouped=True)
+    sources = [e.source for e in load_examples(str(task), "test", grouped=True)]
+    assert len(predictions) == len(sources) == 5
+    base, tokenizer = load_model(str(model_dir))
+    first = torch.tensor([prompt_ids(sources[0], tokenizer)])
+    loaded = load_method_artifact(out / "prefix", load_model(str(model_dir))[0])
+    for source, prediction in zip(sources, predictions, strict=True):
+        ids = torch.tensor([prompt_ids(source, tokenizer, separator=separator,
+                                       max_source_tokens=40)])  # fmt: skip
+        mask = torch.ones_like(ids)
+        alone = generate(loaded.model, ids, mask, loaded.prompt_inputs(mask)[0], GREEDY,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        assert prediction == tokenizer.decode(alone[0], skip_special_tokens=True).strip()
+    trained = loaded.logits(first, torch.ones_like(first))
+    assert not torch.allclose(trained, base(first).logits)  # the artifact changes the outputs

@@ -177,6 +177,13 @@ def test_table_shape_disagreeing_with_config_names_the_file(tmp_path):
         import_peft(out, model)
 
 
+def test_infix_artifacts_are_not_exported(tmp_path):
+    model = tiny_gpt2()
+    infix = FoldedPrefix(random_prefix(model).kv, {"method": "infix"})
+    with pytest.raises(ArtifactError, match="cannot export a 'infix' artifact"):
+        export_peft(infix, tmp_path / "x", base_model_name_or_path="g", model_config=model.config)
+
+
 def test_encoder_decoder_is_refused_both_ways(tmp_path):
     bart = tiny_bart()
     prefix = random_prefix(bart)
@@ -256,7 +263,8 @@ def test_cli_export_from_run_dir_and_import_back(tmp_path):
     model = tiny_llama()
     model_dir = _save_model_dir(model, tmp_path / "model")
     prefix = random_prefix(model)
-    save_prefix(tmp_path / "run" / "prefix", prefix.kv, base_model=model_dir)
+    save_prefix(tmp_path / "run" / "prefix", prefix.kv, base_model=model_dir,
+                extra={"separator": " TL;DR: "})  # fmt: skip
     run = {"train_config": {"model": model_dir, "data": "e2e"}, "best_dev_loss": 1.25}
     (tmp_path / "run" / "run.json").write_text(json.dumps(run))
 
@@ -266,6 +274,7 @@ def test_cli_export_from_run_dir_and_import_back(tmp_path):
     assert run_export(args) == 0  # the run's model is used without --model
     card = (tmp_path / "peft" / "README.md").read_text()
     assert "| best dev loss | 1.25 |" in card and "e2e" in card and "prefixtune export" in card
+    assert 'Prompt format (decoder-only): `[BOS] + source + " TL;DR: "`' in card
     with pytest.raises(ArtifactError, match="already exists"):
         run_export(args)
     forced = ["--to", "peft", "--force", str(tmp_path / "run"), str(tmp_path / "peft")]
@@ -279,10 +288,12 @@ def test_cli_export_from_run_dir_and_import_back(tmp_path):
 
     imp = argparse.ArgumentParser()
     add_arguments_import(imp)
-    argv = ["--from", "peft", str(tmp_path / "peft"), str(tmp_path / "back"), "--model", model_dir]
+    argv = ["--from", "peft", str(tmp_path / "peft"), str(tmp_path / "back"), "--model", model_dir,
+            "--separator", " TL;DR: "]  # fmt: skip
     assert run_import(imp.parse_args(argv)) == 0
     back = load_prefix(tmp_path / "back")
     assert torch.equal(back.kv["self"], prefix.kv["self"]) and back.meta["source"] == "peft"
+    assert back.meta["separator"] == " TL;DR: "
     assert (tmp_path / "back" / "README.md").exists()
     with pytest.raises(ArtifactError, match="neither a prefix directory"):
         run_export(export.parse_args(["--to", "peft", str(tmp_path), str(tmp_path / "p2")]))

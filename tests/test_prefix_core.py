@@ -117,6 +117,11 @@ def test_native_gqa_path_equals_repeated_heads(monkeypatch):
     prefix = PrefixKV.stack([build_encoder(model, PrefixConfig(length=3, reparam=False)).bake()])
     ids, mask = torch.tensor([[0, 9, 8, 7], [4, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1], [1] * 4])
     native = logits(model, ids, mask, prefix)
+    module = model.model.layers[0].self_attn
+    query, bool_mask = torch.zeros(1, 4, 3, 8), torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    assert attention._native_gqa(module, query, bool_mask, {"dropout": 0.0})
+    for option in ({"softcap": 30.0}, {"position_bias": query}, {"output_attentions": True}):
+        assert not attention._native_gqa(module, query, bool_mask, option)  # transformers' path
     monkeypatch.setattr(attention, "_native_gqa", lambda *args: False)  # transformers' repeat_kv
     torch.testing.assert_close(native, logits(model, ids, mask, prefix), atol=1e-6, rtol=0)
 

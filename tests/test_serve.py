@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from prefixtune.artifact import load_prefix, save_prefix
+from prefixtune.artifact import ArtifactError, load_prefix, save_prefix
 from prefixtune.bank import PrefixBank
 from prefixtune.config import GenerateConfig
 from prefixtune.data import builtin_examples, prompt_ids
@@ -420,7 +420,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
         stats = server.scheduler.stats()
         return stats["waiting"] + stats["running"] + stats["requests"]
 
-    while submitted() < len(clients) and time.monotonic() < deadline:
+    def in_flight() -> bool:
+        return submitted() == len(clients) and server.scheduler.stats()["running"] > 0
+
+    while not in_flight() and time.monotonic() < deadline:
         time.sleep(0.002)
     uv.should_exit = True
     for c in clients:
@@ -470,10 +473,15 @@ def test_each_prefix_is_prompted_with_its_trained_separator(served, tmp_path):
     save_prefix(tmp_path / "tldr", random_prefix(shapes, 2), base_model="tiny",
                 extra={"separator": " TL;DR: "})  # fmt: skip
     server.bank.load("tldr", tmp_path / "tldr")
+    save_prefix(tmp_path / "infix", random_prefix(shapes, 2), base_model="tiny",
+                extra={"method": "infix"})  # fmt: skip
+    with pytest.raises(ArtifactError, match="'infix' artifact is not a prefix every position"):
+        server.bank.load("infix", tmp_path / "infix")
     source = SOURCES[0]
     tldr = prompt_ids(source, server.tokenizer, separator=" TL;DR: ")
-    assert server.prompt(source, "tldr") == tldr != server.prompt(source, "p0")
-    assert server.prompt(source, None) == prompt_ids(source, server.tokenizer)
+    meta = server.bank.get("tldr").meta
+    assert server.prompt(source, meta) == tldr != server.prompt(source, server.bank.get("p0").meta)
+    assert server.prompt(source, {}) == prompt_ids(source, server.tokenizer)
 
     async def body(client):
         return await client.post("/v1/generate", json={"prefix": "tldr", "input": source,

@@ -170,12 +170,12 @@ def prefix_attention(
             )
             key = torch.cat([p_key.to(key.dtype), key], dim=2)  # (B, H_kv, P+S, D)
             value = torch.cat([p_value.to(value.dtype), value], dim=2)
-    if _native_gqa(module, query, attention_mask):
+    if _native_gqa(module, query, attention_mask, kwargs):
         return _gqa_attention(query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _native_gqa(module: torch.nn.Module, query: Tensor, mask: Tensor | None) -> bool:
+def _native_gqa(module: torch.nn.Module, query: Tensor, mask: Tensor | None, kwargs: dict) -> bool:
     """Grouped-query attention with a mask on CPU: SDPA's own `enable_gqa` beats repeat_kv.
 
     transformers copies each K/V head per query group before SDPA whenever a mask is present
@@ -183,7 +183,19 @@ def _native_gqa(module: torch.nn.Module, query: Tensor, mask: Tensor | None) -> 
     the copy and its memory (a 4-6% shorter training step on SmolLM2).
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    return query.device.type == "cpu" and groups > 1 and mask is not None
+    return (
+        query.device.type == "cpu"
+        and groups > 1
+        and mask is not None
+        and not _needs_transformers_sdpa(kwargs)
+    )
+
+
+def _needs_transformers_sdpa(kwargs: dict) -> bool:
+    """Options only transformers' own SDPA path handles (or refuses) correctly."""
+    return any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "cache")) or bool(
+        kwargs.get("output_attentions")
+    )
 
 
 def _gqa_attention(

@@ -123,6 +123,11 @@ class PrefixBank:
                 f"{path}: no {PREFIX_JSON} here or in {path / 'prefix'} (a prefix or run directory)"
             )
         folded = load_prefix(found)
+        if folded.meta.get("method", "prefix") != "prefix":
+            raise ArtifactError(
+                f"{found}: a {folded.meta['method']!r} artifact is not a prefix every position "
+                "sees; serve it with `prefixtune generate --prefix`"
+            )
         check_fits(folded.shapes(), self.shapes, str(found))
         param = next(self.model.parameters())
         kv = {k: t.to(device=param.device, dtype=param.dtype) for k, t in folded.kv.items()}
@@ -175,9 +180,6 @@ class PrefixBank:
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
-
-    def length_of(self, prefix_id: str | None) -> int:
-        return 0 if prefix_id is None else self.get(prefix_id).length
 
     def kinds_of(self, prefix_id: str | None) -> tuple[str, ...]:
         """The attention kinds a prefix covers (no prefix: every kind, as zero-length)."""

@@ -63,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
     dev = subsample(dev, min(args.eval_size, len(dev)), seed=0)
     model, tokenizer = trainer.model, trainer.tokenizer
     initial = FoldedPrefix(trainer.method.encoder.bake())
-    before, before_scores = _scores(Predictor(model, tokenizer, initial, 96), dev, dataset)
+    before, before_scores = _scores(
+        Predictor(model, tokenizer, initial, 96, config.separator), dev, dataset
+    )
     started = time.perf_counter()
     summary = trainer.fit()
     trained = FoldedPrefix(trainer.method.encoder.bake())
-    after, after_scores = _scores(Predictor(model, tokenizer, trained, 96), dev, dataset)
+    after, after_scores = _scores(
+        Predictor(model, tokenizer, trained, 96, config.separator), dev, dataset
+    )
     print(f"\ntrained {summary['steps']} steps in {time.perf_counter() - started:.0f} s "
           f"({summary['tokens_per_second']:.0f} tokens/s); prefix: {prefix.length} positions, "
           f"{summary['trainable_parameters']:,} trainable parameters (MLP included)")  # fmt: skip

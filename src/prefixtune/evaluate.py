@@ -174,10 +174,16 @@ def evaluate_run(
     tokenizer=None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate on `split` of the run's dataset with its prefix; score and write the outputs."""
+    """Generate on `split` of the run's dataset with its artifact (any method); score and write
+    the outputs. A `model` passed in may be changed (ft-top2 weights, adapter hooks)."""
     run = Path(run)
     info = read_run(run)
     train = info["train_config"]
+    if not (run / "prefix").exists() and (run / "prefixes").exists():
+        raise ConfigError(
+            f"{run} is a multi-task run: evaluate each task's prefix with `prefixtune generate "
+            f"--prefix {run / 'prefixes'}/TASK`"
+        )
     examples = load_examples(train["data"], split, grouped=True)
     if limit and limit < len(examples):
         examples = subsample(examples, limit, seed=0)
@@ -185,6 +191,8 @@ def evaluate_run(
         model, tokenizer = load_model(train.get("model") or None)
     predictor = Predictor.from_artifact(run / "prefix", model, tokenizer,
                                         train.get("max_source_tokens", 256))  # fmt: skip
+    if predictor.loaded and "separator" not in predictor.loaded.meta:  # saved before it was kept
+        predictor.separator = train.get("separator", "\n")
     config = config or GenerateConfig.preset("table-to-text")
     predictions = predictor.predict([e.source for e in examples], config, batch_size=batch_size,
                                     progress=progress)  # fmt: skip

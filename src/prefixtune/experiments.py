@@ -48,7 +48,7 @@ class RunSpec:
     prefix: dict[str, Any] = field(default_factory=dict)
     test_split: str = "test"
     evaluation: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the scale's test/new_tokens/beams for this run's scoring."""
+    """Overrides of the scale's test/new_tokens/beams/length_penalty for this run's scoring."""
 
 
 def _base(scale: dict[str, Any], data: str, seed: int) -> dict[str, Any]:
@@ -127,7 +127,7 @@ XSUM_SCALES: dict[str, dict[str, Any]] = {
     "small": {"steps": 60, "batch": 4, "test": 50, "dev": 30, "source_tokens": 320,
               "target_tokens": 48, "new_tokens": 48, "length": 100},
     "full": {"batch": 8, "source_tokens": 512, "target_tokens": 64, "new_tokens": 60,
-             "beams": 6, "length": 200},
+             "beams": 6, "length_penalty": 0.8, "length": 200},  # the paper's decoding
 }  # fmt: skip
 XSUM_SEPARATOR = "\nTL;DR: "
 
@@ -149,7 +149,8 @@ def xsum_grid(scale: dict[str, Any], sports: bool = False) -> list[RunSpec]:
         prefix = {"length": xsum["length"], "init": "words", "init_text": "summarize"}
         runs.append(RunSpec(method, {"method": method}, train, prefix if method == "prefix" else {},
                             "sports-test" if sports else "test",
-                            {k: xsum[k] for k in ("test", "new_tokens", "beams")}))  # fmt: skip
+                            {k: xsum[k] for k in ("test", "new_tokens", "beams", "length_penalty")
+                             if k in xsum}))  # fmt: skip
     return runs
 
 
@@ -181,7 +182,8 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
                             "progress": False})  # fmt: skip
     summary = train(config, PrefixConfig(**spec.prefix))
     scoring = {**scale, **spec.evaluation}
-    generation = GenerateConfig(max_new_tokens=scoring["new_tokens"], num_beams=scoring["beams"])
+    generation = GenerateConfig(max_new_tokens=scoring["new_tokens"], num_beams=scoring["beams"],
+                                length_penalty=scoring.get("length_penalty", 1.0))  # fmt: skip
     report = evaluate_run(run_dir, spec.test_split, config=generation,
                           limit=scoring["test"], bootstrap=0, progress=False)  # fmt: skip
     row = {**spec.labels, "run": spec.name, **report["metrics"],

@@ -49,7 +49,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .artifact import PREFIX_JSON, ArtifactError, FoldedPrefix, check_fits, load_prefix, save_prefix
+from .artifact import (
+    PREFIX_JSON,
+    ArtifactError,
+    FoldedPrefix,
+    check_fits,
+    load_prefix,
+    save_prefix,
+    trained_separator,
+)
 from .files import atomic_write_text
 from .models import DEFAULT_MODEL, is_encoder_decoder, load_model, model_id
 from .prefix import KindShape, flatten_stack, model_shapes, stack_flat
@@ -191,8 +199,14 @@ def export_peft(
     """Write `prefix` as a PEFT prefix-tuning adapter (config, weights, README) in `out_dir`.
 
     `peft.PeftModel.from_pretrained(base, out_dir)` then gives prefixtune's logits. Raises
-    ArtifactError for encoder-decoder models and for prefixes that do not fit `model_config`.
+    ArtifactError for encoder-decoder models, infix artifacts (PEFT shows a prefix to every
+    position) and prefixes that do not fit `model_config`. The card states the prompt format.
     """
+    if prefix.meta.get("method", "prefix") != "prefix":
+        raise ArtifactError(
+            f"cannot export a {prefix.meta['method']!r} artifact: PEFT prefixes are seen by "
+            "every position"
+        )
     if getattr(model_config, "is_encoder_decoder", False) or set(prefix.kv) != {"self"}:
         raise ArtifactError(f"cannot export '{sorted(prefix.kv)}' prefixes: {_SEQ2SEQ_REFUSAL}")
     shape = peft_shape(model_config)
@@ -229,6 +243,7 @@ def export_peft(
             data=data,
             metrics=metrics,
             command=command,
+            separator=trained_separator(prefix.meta),
         )
 
     return _publish(out_dir, build, overwrite=overwrite, marker=PEFT_CONFIG)
@@ -424,6 +439,7 @@ def write_model_card(
     data: str,
     metrics: dict[str, Any] | None,
     command: str,
+    separator: str = "\n",
 ) -> Path:
     """Write README.md in a prefix or PEFT adapter dir: Hub-style front matter (library_name,
     base_model, tags), a description, how to load it with prefixtune and PEFT, training data, a
@@ -458,6 +474,11 @@ def write_model_card(
             "outputs.",
             "",
         ]
+    lines += [
+        f"Prompt format (decoder-only): `[BOS] + source + {json.dumps(separator)}`, then the "
+        "output; prefixtune builds it from the separator saved in the prefix.",
+        "",
+    ]
     lines += _load_sections(directory, base_model, kinds)
     lines += ["## Training data", "", data or "Not recorded.", "", "## Metrics", ""]
     if metrics:
@@ -569,6 +590,12 @@ def add_arguments_import(parser: argparse.ArgumentParser) -> None:
         help="base model (hub id or local dir; default: the embedded default)",
     )
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--separator",
+        default="\n",
+        help="prompt separator the adapter was trained with (PEFT does not record it; default: "
+        "a newline)",
+    )
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -582,11 +609,12 @@ def run_import(args: argparse.Namespace) -> int:
         )
     command = ["prefixtune", "import", "--from", args.from_format, str(args.source), str(args.out)]
     command += ["--model", args.model] if args.model else []
+    command += ["--separator", args.separator] if args.separator != "\n" else []
     base = model_id(model)
 
     def build(tmp: Path) -> None:
         extra = {k: v for k, v in prefix.meta.items() if k.startswith("peft") or k == "source"}
-        save_prefix(tmp, prefix.kv, base_model=base, extra=extra)
+        save_prefix(tmp, prefix.kv, base_model=base, extra={**extra, "separator": args.separator})
         write_model_card(
             tmp,
             base_model=_card_base(args.model, model),
@@ -594,6 +622,7 @@ def run_import(args: argparse.Namespace) -> int:
             data="",
             metrics=None,
             command=shlex.join(command),
+            separator=args.separator,
         )
 
     out = _publish(args.out, build, overwrite=args.force, marker=PREFIX_JSON)

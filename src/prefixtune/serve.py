@@ -142,12 +142,11 @@ class Server:
     config: ServeConfig
     draining: bool = False
 
-    def prompt(self, text: str, prefix_id: str | None) -> list[int]:
-        """Prompt ids in the format the prefix was trained with."""
+    def prompt(self, text: str, prefix_meta: dict[str, Any]) -> list[int]:
+        """Prompt ids in the format the prefix (its prefix.json `meta`) was trained with."""
         if is_encoder_decoder(self.model):
             return self.tokenizer(text)["input_ids"]
-        meta = {} if prefix_id is None else self.bank.get(prefix_id).meta
-        return prompt_ids(text, self.tokenizer, separator=trained_separator(meta))
+        return prompt_ids(text, self.tokenizer, separator=trained_separator(prefix_meta))
 
     def context(self) -> int | None:
         text = self.model.config.get_text_config()
@@ -208,11 +207,12 @@ def create_app(server: Server) -> FastAPI:
     async def generate_text(body: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
         """Generate a continuation of `input` with the named prefix (or none)."""
         try:
-            prefix_len = server.bank.length_of(body.prefix)
+            entry = None if body.prefix is None else server.bank.get(body.prefix)
         except UnknownPrefixError:
             raise _unknown(body.prefix) from None
+        prefix_len = 0 if entry is None else entry.length
         server.check_chars(body.input)
-        prompt = server.prompt(body.input, body.prefix)
+        prompt = server.prompt(body.input, entry.meta if entry else {})
         server.check_length(prompt, prefix_len, body.max_new_tokens)
         try:
             future = server.scheduler.submit(prompt, body.prefix, body.generate_config())
