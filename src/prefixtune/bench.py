@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_runner import RESULT_MARK, TIMED, Runner, memory_pass, worker_main
+from .files import atomic_write_text
 
 __all__ = ["RESULT_MARK", "add_arguments", "build_plan", "resolve_dtypes", "run"]
 
@@ -268,10 +269,9 @@ def run(args: argparse.Namespace) -> int:
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     report = {"meta": meta, "results": results, **summarise_results(results, meta)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(out, json.dumps(report, indent=1, default=str) + "\n")
     text = markdown(report)
-    out.with_suffix(".md").write_text(text)
+    atomic_write_text(out.with_suffix(".md"), text)
     print(text)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     failed = [n for n, r in results.items() if "error" in r]
