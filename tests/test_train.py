@@ -90,7 +90,9 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path, bpe_tokenizer, monkeypatch)
     monkeypatch.setattr(crashing, "_train_step", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
-    _trainer(tmp_path, "resumed", bpe_tokenizer, checkpoint_every=3, resume=True).fit()
+    before_crash = crashing.state["seconds"]  # recorded with the step-3 checkpoint
+    summary = _trainer(tmp_path, "resumed", bpe_tokenizer, checkpoint_every=3, resume=True).fit()
+    assert summary["seconds"] > before_crash > 0  # run.json counts the time before the crash too
     straight = load_encoder(tmp_path / "straight" / "run" / "checkpoint")
     resumed = load_encoder(tmp_path / "resumed" / "run" / "checkpoint")
     for (name, a), (_, b) in zip(

@@ -335,6 +335,11 @@ class Trainer:
                    desc="train", disable=not (config.progress and self.is_main),
                    dynamic_ncols=True)  # fmt: skip
         began, tokens_seen, loss = time.perf_counter(), 0, math.nan
+        earlier = self.state.get("seconds", 0.0)  # spent before a resume
+
+        def elapsed() -> float:
+            return earlier + time.perf_counter() - began
+
         for step in bar:
             loss, tokens = self._train_step(step)
             tokens_seen += tokens
@@ -347,20 +352,22 @@ class Trainer:
             if done % eval_every == 0 and done != self.total_steps:
                 self._evaluate(done)
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                self.state["step"] = done
+                self.state.update(step=done, seconds=elapsed())
                 self._checkpoint(done)
         bar.close()
         final_dev = self._evaluate(self.total_steps)
         if final_dev is None and self.is_main:
             self._save_artifact(step=self.total_steps)
-        self.state["step"] = self.total_steps
+        rate = tokens_seen / max(time.perf_counter() - began, 1e-9)  # this process's part
+        self.state.update(step=self.total_steps, seconds=elapsed())
         self._checkpoint(self.total_steps)
-        summary = self._write_summary(final_dev, loss, time.perf_counter() - began, tokens_seen)
+        summary = self._write_summary(final_dev, loss, self.state["seconds"], rate)
         if self.dist:  # nobody leaves before rank 0 has written everything
             self.dist.barrier()
         return summary
 
-    def _write_summary(self, final_dev, last_loss, seconds, tokens) -> dict[str, Any]:
+    def _write_summary(self, final_dev, last_loss, seconds, rate) -> dict[str, Any]:
+        """run.json; `seconds` counts every resumed part, `rate` this process's tokens/s."""
         trainable, base = self.method.num_trainable(), self.method.num_base()
         summary = {
             "train_config": to_dict(self.config),
@@ -375,7 +382,7 @@ class Trainer:
             "trainable_parameters": trainable,
             "trainable_share": trainable / base,
             "seconds": seconds,
-            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "tokens_per_second": rate,
             "autocast": str(self.amp) if self.amp else "float32",
             "device": str(self.device),
             "versions": {
