@@ -1,7 +1,8 @@
 """Reproduce the paper's findings: `prefixtune reproduce <experiment> --scale small`.
 
 Experiments: lowdata (Figure 3), length (Figure 4), init (Figure 5), table1 and table1-webnlg
-(Table 1 layout), xsum and xsum-sports (Tables 2-3: summarisation and news-to-sports). Each writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
+(Table 1 layout), xsum and xsum-sports (Tables 2-3: summarisation and news-to-sports). Each
+writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
 runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never redone.
 """
 
@@ -36,6 +37,12 @@ WEBNLG_COLUMNS = tuple(f"{m}_{c}" for m in ("BLEU", "METEOR", "TER")
 TABLE_LAYOUT = {"table1": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
                 "table1-webnlg": WEBNLG_COLUMNS,
                 "xsum": METRICS["xsum"], "xsum-sports": METRICS["xsum"]}  # fmt: skip
+TABLE_NOTE = (
+    "One seed; test subset, best-dev-loss weights. % params: what the saved artifact keeps per "
+    "task, as a share of the base model (the paper's column; a prefix is its folded keys/values); "
+    "% trained: what the optimizer updated (a prefix's MLP reparameterisation included)."
+)
+SEEDS_NOTE = "Means and standard deviations across seeds; test subset, best-dev-loss prefix."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,23 +99,11 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
     write_results(rows, out)
     head = f"# {name} ({scale} scale)\n\nCommand: `{command}`\n\n"
     if name in TABLE_LAYOUT:
-        text = (
-            head
-            + method_table(rows, TABLE_LAYOUT[name])
-            + (
-                "\nOne seed; test subset, best-dev-loss weights. % params: what the saved "
-                "artifact keeps per task, as a share of the base model (the paper's column; a "
-                "prefix is its folded keys/values); % trained: what the optimizer updated (a "
-                "prefix's MLP reparameterisation included).\n"
-            )
-        )
+        body, note = method_table(rows, TABLE_LAYOUT[name]), TABLE_NOTE
     else:
         columns = keys + ["runs"] + [c for m in metrics for c in (m, f"{m}_sd")]
-        text = (
-            head
-            + markdown_table(table, columns)
-            + ("\nMeans and standard deviations across seeds; test subset, best-dev-loss prefix.\n")
-        )
+        body, note = markdown_table(table, columns), SEEDS_NOTE
+    text = f"{head}{body}\n{note}\n"
     atomic_write_text(out / "results.md", text)
     plot(table, x, series, metrics[0], out / f"{name}.png")
     return text
