@@ -29,6 +29,7 @@ from .prefix import KindShape, PrefixEncoder
 FORMAT = "prefixtune-prefix"
 VERSION = 1
 PREFIX_TENSORS, PREFIX_JSON = "prefix.safetensors", "prefix.json"
+RUN_ARTIFACT = "prefix"  # a run dir keeps its artifact here (train.ARTIFACT_DIR)
 ENCODER_TENSORS, ENCODER_JSON = "encoder.safetensors", "encoder.json"
 _SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -61,6 +62,15 @@ class FoldedPrefix:
 
 def _shapes_json(shapes: dict[str, KindShape]) -> dict[str, list[int]]:
     return {kind: [s.layers, s.heads, s.head_dim] for kind, s in shapes.items()}
+
+
+def artifact_dir(path: Path) -> Path | None:
+    """The folded-prefix directory at `path` (itself, or a run's prefix/), or None."""
+    if (path / PREFIX_JSON).is_file():
+        return path
+    if (path / RUN_ARTIFACT / PREFIX_JSON).is_file():
+        return path / RUN_ARTIFACT
+    return None
 
 
 def trained_separator(meta: dict[str, Any]) -> str:

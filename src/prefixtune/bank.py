@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from .artifact import PREFIX_JSON, ArtifactError, check_fits, load_prefix
+from .artifact import PREFIX_JSON, ArtifactError, artifact_dir, check_fits, load_prefix
 from .attention import PrefixKV
 from .prefix import KindShape, model_shapes
 
@@ -65,15 +65,6 @@ class BankEntry:
             "base_model": self.meta.get("base_model"),
             "path": self.path,
         }
-
-
-def artifact_dir(path: Path) -> Path | None:
-    """The folded-prefix directory at `path` (itself, or a run's prefix/), or None."""
-    if (path / PREFIX_JSON).is_file():
-        return path
-    if (path / "prefix" / PREFIX_JSON).is_file():
-        return path / "prefix"
-    return None
 
 
 def check_id(prefix_id: str) -> str:

@@ -201,7 +201,9 @@ def with_shares(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     stored_share: what the saved artifact keeps per task (the paper's "% params": a prefix is its
     folded keys/values). Rows of runs finished before these were recorded get them too.
     """
-    summary = json.loads((run_dir / "run.json").read_text())
+    from .evaluate import read_run
+
+    summary = read_run(run_dir)
     base = summary["trainable_parameters"] / summary["trainable_share"]
     stored = stored_parameters(run_dir / "prefix")
     return {**row, "trainable_share": summary["trainable_share"], "stored_share": stored / base}

@@ -51,8 +51,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .artifact import (
     PREFIX_JSON,
+    RUN_ARTIFACT,
     ArtifactError,
     FoldedPrefix,
+    artifact_dir,
     check_fits,
     load_prefix,
     save_prefix,
@@ -69,7 +71,6 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PEFT_KEY = "prompt_embeddings"
 CARD = "README.md"
-RUN_ARTIFACT = "prefix"  # a run dir keeps its folded prefix here (train.ARTIFACT_DIR)
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _MLP_KEYS = ("transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
 _SEQ2SEQ_REFUSAL = (
@@ -496,10 +497,9 @@ def write_model_card(
 def find_prefix_dir(path: str | Path) -> Path:
     """A prefix dir (with prefix.json) or a run dir holding one in `prefix/`."""
     path = Path(path)
-    if (path / PREFIX_JSON).exists():
-        return path
-    if (path / RUN_ARTIFACT / PREFIX_JSON).exists():
-        return path / RUN_ARTIFACT
+    found = artifact_dir(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise ArtifactError(f"{path}: not found")
     raise ArtifactError(
