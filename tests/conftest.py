@@ -100,6 +100,17 @@ def bpe_tokenizer():
     return make_bpe_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine oversubscribed
+    OpenMP threads slow them ~50x. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the setting is restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

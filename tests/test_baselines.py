@@ -37,14 +37,7 @@ PREFIX = PrefixConfig(length=4, mlp_hidden=16)
 LIMITS = {"max_source_tokens": 48, "max_target_tokens": 24}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine oversubscribed OpenMP threads
-    slow these tests ~50x; the setting is restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def gpt2_4layers(vocab: int = TOKENIZER_VOCAB) -> GPT2LMHeadModel:
@@ -102,6 +95,17 @@ def test_ft_top2_on_llama_counts_two_layers(bpe_tokenizer):
     assert method.num_trainable() == 2 * per_layer  # tiny_llama has 2 layers: all of them
 
 
+def overfit(method, batch, lr: float, steps: int) -> tuple[float, float]:
+    """The loss on `batch` before and after `steps` AdamW steps on it."""
+    optimizer = torch.optim.AdamW(method.parameters(), lr=lr)
+    first = method.loss(batch).item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        method.loss(batch).backward()
+        optimizer.step()
+    return first, method.loss(batch).item()
+
+
 @pytest.mark.parametrize("name", ["finetune", "ft-top2", "adapter"])
 def test_weight_methods_train_bart(name, bpe_tokenizer):
     torch.manual_seed(0)
@@ -112,13 +116,8 @@ def test_weight_methods_train_bart(name, bpe_tokenizer):
         assert set(method.layers) == {"model.decoder.layers.0", "model.decoder.layers.1"}
     items, _ = encode(builtin_examples("train")[:4], bpe_tokenizer, encoder_decoder=True, **LIMITS)
     batch = collate_seq2seq(items, bpe_tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
-    first = method.loss(batch).item()
-    for _ in range(10):
-        optimizer.zero_grad()
-        method.loss(batch).backward()
-        optimizer.step()
-    assert method.loss(batch).item() < first - 0.02  # adapter (smallest): 0.043 measured
+    first, last = overfit(method, batch, lr=1e-2, steps=10)
+    assert last < first - 0.02  # adapter (smallest): 0.043 measured
 
 
 def test_adapter_sites_per_architecture():
@@ -207,13 +206,8 @@ def test_each_method_lowers_the_loss_on_a_tiny_overfit_task(name, bpe_tokenizer)
     arch, lr, drop = OVERFIT[name]
     method = make(name, bpe_tokenizer, arch)
     batch = batch_of(bpe_tokenizer)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=lr)
-    first = method.loss(batch).item()
-    for _ in range(25):
-        optimizer.zero_grad()
-        method.loss(batch).backward()
-        optimizer.step()
-    assert method.loss(batch).item() < first - drop
+    first, last = overfit(method, batch, lr=lr, steps=25)
+    assert last < first - drop
 
 
 # ----------------------------------------------------------------------------- infix placement

@@ -23,13 +23,7 @@ UNUSED_EOS = VOCAB - 1  # not produced by these seeded models: rows run to max_n
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (and immune to a busy machine's contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def inputs(name: str, prompts: list[list[int]] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,13 +51,7 @@ def expected_texts(model, tokenizer, root, prefix_id, sources, config=GREEDY) ->
     return Predictor(model, tokenizer, prefix, max_source_tokens=10_000).predict(sources, config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, which spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 @pytest.fixture(scope="module")
