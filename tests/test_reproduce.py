@@ -19,7 +19,7 @@ def test_tiny_experiment_writes_table_and_plot_and_resumes(model_dir, tmp_path, 
     experiment = "length"  # each run's evaluation starts a JVM for METEOR: keep the grid small
     argv = ["reproduce", experiment, "--scale", "tiny", "--model", str(model_dir),
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]  # fmt: skip
-    assert main(argv) == 0
+    assert main([*argv, "--jobs", "2"]) == 0  # two spawned workers, rows back in grid order
     out = tmp_path / "results" / experiment
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["length"] for r in rows] == ["1", "5"]
@@ -29,6 +29,11 @@ def test_tiny_experiment_writes_table_and_plot_and_resumes(model_dir, tmp_path, 
     capsys.readouterr()
     assert main(argv) == 0  # every run has its result.json: nothing is trained again
     assert "train" not in capsys.readouterr().err
+
+
+def test_bad_jobs_count_is_one_clear_error(tmp_path, capsys):
+    assert main(["reproduce", "length", "--scale", "tiny", "--jobs", "0"]) != 0
+    assert "--jobs must be at least 1" in capsys.readouterr().err
 
 
 def test_summarise_means_and_spread_across_seeds():

@@ -9,12 +9,17 @@ runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never
 from __future__ import annotations
 
 import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .experiments import (
     GRIDS,
     SCALES,
+    RunSpec,
     check_experiment,
     markdown_table,
     run_one,
@@ -52,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="base model (default: embedded SmolLM2-135M)")
     parser.add_argument("--runs", default="runs/reproduce", help="where the runs are kept")
     parser.add_argument("--results", default="docs/results", help="where tables and plots go")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process with cores/jobs "
+                             "threads (CPU: one per core is fastest; GPU: keep 1)")  # fmt: skip
 
 
 def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, path: Path) -> None:
@@ -133,15 +141,47 @@ def _split(rows: list[dict[str, Any]], series: str | None) -> list[list[dict[str
 
 def run(args: argparse.Namespace) -> int:
     check_experiment(args.experiment, args.scale)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     scale = SCALES[args.scale]
     root = Path(args.runs) / f"{args.experiment}-{args.scale}"
     grid = GRIDS[args.experiment](scale)
-    rows = []
-    for index, spec in enumerate(grid, 1):
-        print(f"[{index}/{len(grid)}] {spec.name}", flush=True)
-        rows.append(run_one(spec, root, scale, args.model))
+    if args.jobs == 1:
+        rows = []
+        for index, spec in enumerate(grid, 1):
+            print(f"[{index}/{len(grid)}] {spec.name}", flush=True)
+            rows.append(run_one(spec, root, scale, args.model))
+    else:
+        rows = run_parallel(grid, root, scale, args.model, args.jobs)
     command = f"prefixtune reproduce {args.experiment} --scale {args.scale}"
     if args.model:
         command += f" --model {args.model}"
     print(report(args.experiment, args.scale, rows, Path(args.results) / args.experiment, command))
     return 0
+
+
+def run_parallel(grid: list[RunSpec], root: Path, scale: dict[str, Any], model: str,
+                 jobs: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Every run of `grid` in `jobs` spawned processes; rows come back in grid order.
+
+    A failed run stops new ones from starting; those already running finish (and keep their
+    result.json), then the first error is raised.
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    rows: dict[str, dict[str, Any]] = {}
+    context = get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(jobs, context, initializer=_set_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_one, spec, root, scale, model): spec.name for spec in grid}
+        for done, future in enumerate(as_completed(futures), 1):
+            if future.exception() is not None:
+                pool.shutdown(cancel_futures=True)
+                raise future.exception()
+            rows[futures[future]] = future.result()
+            print(f"[{done}/{len(grid)}] {futures[future]} done", flush=True)
+    return [rows[spec.name] for spec in grid]
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
