@@ -127,7 +127,7 @@ def test_beam_search_with_one_beam_equals_greedy(name):
     eos_t, history = torch.tensor([eos]), ids[:, :0]
     with torch.no_grad():
         if name == "bart":
-            state, logits = prefill_encoder_decoder(model, ids, mask, None)
+            state, logits = prefill_encoder_decoder(model, ids, mask, None, 10)
             history = torch.full((len(ids), 1), model.config.decoder_start_token_id)
         else:
             state, logits = prefill_decoder(model, ids, mask, None, 10, None)

@@ -11,7 +11,6 @@ are dropped), so the batch only ever holds rows that still decode.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -23,7 +22,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .attention import ATTN_NAME, PrefixKV, enable_prefixes, position_ids_for
 from .config import ConfigError, GenerateConfig
-from .models import is_encoder_decoder
+from .kvcache import preallocated_cache
+from .models import accepts_argument, is_encoder_decoder
+from .packing import packed_prefill, packing_pays
 
 
 @dataclass
@@ -135,10 +136,16 @@ def can_seed_cache(model: PreTrainedModel, prefix: PrefixKV | None, cache: Cache
     """Seeding needs a decoder-only model without sliding windows (they would evict the prefix)."""
     return (
         prefix is not None
-        and not is_encoder_decoder(model)
         and set(prefix.kv) == {"self"}
         and prefix.visible_from is None
-        and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        and full_attention_decoder(model, cache)
+    )
+
+
+def full_attention_decoder(model: PreTrainedModel, cache: Cache) -> bool:
+    """A decoder-only model whose cache layers all keep every position (no sliding windows)."""
+    return not is_encoder_decoder(model) and not any(
+        getattr(layer, "is_sliding", False) for layer in cache.layers
     )
 
 
@@ -176,10 +183,6 @@ def prompt_positions(mask: Tensor, prefix: PrefixKV | None) -> tuple[Tensor, Ten
     return positions.masked_fill(mask == 0, 0), real[:, -1] + lengths
 
 
-def _accepts(model: PreTrainedModel, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
 def prefill_decoder(
     model: PreTrainedModel,
     input_ids: Tensor,
@@ -190,7 +193,8 @@ def prefill_decoder(
 ) -> tuple[DecodeState, Tensor]:
     """Run the left-padded prompt once; returns the state and last-position logits (B, V)."""
     batch, device = input_ids.shape[0], input_ids.device
-    cache = DynamicCache(config=model.config)
+    prefix_length = 0 if prefix is None else max(t.shape[-2] for t in prefix.kv.values())
+    cache = preallocated_cache(model.config, prefix_length + input_ids.shape[1] + max_new_tokens)
     positions, next_position = prompt_positions(attention_mask, prefix)
     seedable = can_seed_cache(model, prefix, cache)
     if prefix_in_cache and not seedable:
@@ -198,14 +202,21 @@ def prefill_decoder(
             "prefix_in_cache=True needs a decoder-only model without sliding-window layers "
             "and 'self' prefixes only"
         )
+    seeded = seedable and prefix_in_cache is not False
+    room = torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device)
+    if (seeded or (prefix is None and full_attention_decoder(model, cache))) and packing_pays(
+        model, attention_mask.sum(-1), input_ids.shape[1], prefix_length
+    ):
+        keys, logits = packed_prefill(model, input_ids, attention_mask, prefix, cache)
+        mask = torch.cat([keys, room], dim=1)  # (B, P + T + max_new)
+        return DecodeState(model, cache, None, mask, keys.shape[1], next_position), logits
     keys = [attention_mask.bool()]
-    if seedable and prefix_in_cache is not False:
+    if seeded:
         keys.insert(0, seed_cache(cache, prefix, batch, model.dtype))
         prefix = None
-    keys.append(torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device))
-    mask = torch.cat(keys, dim=1)  # (B, [P +] T + max_new)
+    mask = torch.cat([*keys, room], dim=1)  # (B, [P +] T + max_new)
     length = mask.shape[1] - max_new_tokens
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}
     if prefix is not None:
         extra["prefix_kv"] = prefix
     out = model(
@@ -221,13 +232,17 @@ def prefill_decoder(
 
 
 def prefill_encoder_decoder(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prefix: PrefixKV | None
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prefix: PrefixKV | None,
+    max_new_tokens: int,
 ) -> tuple[DecodeState, Tensor]:
     """Encode once, then feed the decoder start token; returns the state and logits (B, V)."""
     extra = {} if prefix is None else {"prefix_kv": prefix}
     hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, **extra)
     cache = EncoderDecoderCache(
-        DynamicCache(config=model.config), DynamicCache(config=model.config)
+        preallocated_cache(model.config, max_new_tokens + 1), DynamicCache(config=model.config)
     )
     state = DecodeState(
         model, cache, prefix, None, 0, None, hidden.last_hidden_state, attention_mask
@@ -385,7 +400,9 @@ def generate(
                 enable_prefixes(model)
             prefix = frozen_prefix(prefix, model.dtype, device)
         if enc_dec:
-            state, logits = prefill_encoder_decoder(model, input_ids, attention_mask, prefix)
+            state, logits = prefill_encoder_decoder(
+                model, input_ids, attention_mask, prefix, config.max_new_tokens
+            )
             history = start_tokens(model, len(input_ids), device)[:, None]  # (B, 1)
         else:
             state, logits = prefill_decoder(

@@ -145,6 +145,13 @@ def autocast_dtype(requested: str, device: str | torch.device = "cpu") -> torch.
     raise ModelLoadError(f"autocast must be auto, float32 or bfloat16, got {requested!r}")
 
 
+def accepts_argument(model: PreTrainedModel, name: str) -> bool:
+    """Whether the model's forward takes keyword `name` (e.g. logits_to_keep)."""
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
 def is_encoder_decoder(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 

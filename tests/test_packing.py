@@ -1,0 +1,111 @@
+"""Packed prefill and the preallocated KV cache against the plain padded path, on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+import prefixtune.generate as generation
+from prefixtune.attention import PrefixKV, enable_prefixes
+from prefixtune.config import GenerateConfig, PrefixConfig
+from prefixtune.generate import generate, left_pad, prefill_decoder
+from prefixtune.kvcache import PreallocatedLayer
+from prefixtune.packing import packing_pays
+from prefixtune.prefix import build_encoder
+
+from conftest import BUILDERS
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25], [30]]
+NEVER = 1_000_000  # an EOS id no tiny model emits
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
+
+
+def mixed_prefix(model) -> PrefixKV:
+    stack = [build_encoder(model, PrefixConfig(length=n, reparam=False)).bake() for n in (3, 5)]
+    return PrefixKV.stack(stack, rows=torch.tensor([1, 0, 1, 1, 0]))
+
+
+def prefill(model, prefix, pack: bool, monkeypatch):
+    monkeypatch.setattr(generation, "packing_pays", lambda *args: pack)
+    ids, mask = left_pad(PROMPTS, 0)
+    with torch.inference_mode():
+        return prefill_decoder(model, ids, mask, prefix, 4, None)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_packed_prefill_leaves_the_state_a_padded_prefill_leaves(name, with_prefix, monkeypatch):
+    model = BUILDERS[name]()
+    enable_prefixes(model)
+    prefix = mixed_prefix(model) if with_prefix else None
+    (padded, padded_logits), (packed, packed_logits) = (
+        prefill(model, prefix, pack, monkeypatch) for pack in (False, True)
+    )
+    torch.testing.assert_close(packed_logits, padded_logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(packed.mask, padded.mask) and packed.length == padded.length
+    assert torch.equal(packed.positions, padded.positions)
+    visible = packed.mask[:, None, : packed.length, None]  # (B, 1, S, 1): padding columns differ
+    for mine, theirs in zip(packed.cache.layers, padded.cache.layers, strict=True):
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generation_after_a_packed_prefill_equals_the_padded_one(name, monkeypatch):
+    model = BUILDERS[name]()
+    prefix = mixed_prefix(model)
+    ids, mask = left_pad(PROMPTS, 0)
+    outputs, calls = {}, []
+    for pack in (False, True):
+        monkeypatch.setattr(
+            generation, "packing_pays", lambda *args, pack=pack: calls.append(1) or pack
+        )
+        config = GenerateConfig(max_new_tokens=6)
+        outputs[pack] = generate(
+            model, ids, mask, prefix, config, eos_token_id=NEVER, pad_token_id=0
+        )
+    assert calls and outputs[True] == outputs[False]
+
+
+def test_packing_pays_only_when_padding_outweighs_the_wider_attention():
+    model = BUILDERS["llama"]()
+    assert packing_pays(model, torch.tensor([4, 2, 3, 6]), 6, 5)
+    assert not packing_pays(model, torch.tensor([6, 6, 6, 6]), 6, 5)  # nothing to save
+    assert not packing_pays(model, torch.tensor([900, 1000, 950, 1000]), 1000, 5)  # S^2 attention
+
+
+def test_preallocated_layer_writes_in_place_and_matches_a_dynamic_layer():
+    mine, plain = PreallocatedLayer(capacity=6), DynamicLayer()
+    steps = [torch.randn(3, 2, n, 4) for n in (4, 1, 1)]
+    for states in steps:
+        mine.update(states, -states)
+        plain.update(states, -states)
+    buffer = mine.keys.data_ptr()
+    for states in [torch.randn(3, 2, 1, 4) for _ in range(3)]:  # 6 -> 9 positions: one regrowth
+        mine.update(states, -states)
+        plain.update(states, -states)
+    assert mine.keys.data_ptr() != buffer and mine._key_buffer.shape[-2] == 12  # doubled
+    assert torch.equal(mine.keys, plain.keys) and torch.equal(mine.values, plain.values)
+    assert mine.get_seq_length() == plain.get_seq_length() == 9
+    index = torch.tensor([2, 0])
+    mine.reorder_cache(index)
+    plain.reorder_cache(index)
+    assert torch.equal(mine.keys, plain.keys) and mine._key_buffer.shape[-2] == 12
+    mine.keys, mine.values = mine.keys[:, :, 3:], mine.values[:, :, 3:]  # a trim
+    states = torch.randn(2, 2, 1, 4)
+    keys, values = mine.update(states, -states)
+    assert torch.equal(keys, torch.cat([plain.keys[:, :, 3:], states], dim=2))
+    assert torch.equal(values, torch.cat([plain.values[:, :, 3:], -states], dim=2))
+
+
+def test_keys_and_values_assigned_one_after_the_other_keep_their_own_length():
+    """continuous._merge pads and assigns keys, then reads values to pad them the same way."""
+    layer = PreallocatedLayer(capacity=16)
+    states = torch.randn(2, 2, 3, 4)
+    layer.update(states, -states)
+    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, 2, 0))  # 3 -> 5 positions
+    assert layer.values.shape[-2] == 3  # not a view over 5 positions of the old buffer
+    layer.values = torch.nn.functional.pad(layer.values, (0, 0, 2, 0))
+    assert torch.equal(layer.values[:, :, 2:], -states) and layer.get_seq_length() == 5
