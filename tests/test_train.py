@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,3 +117,27 @@ def test_bad_train_config_names_the_flag():
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="--lr"):
         TrainConfig(lr=-1)
+
+
+def test_patience_stops_after_evaluations_without_improvement_and_keeps_the_best(
+    tmp_path, bpe_tokenizer, monkeypatch
+):
+    scripted = iter([3.0, 2.0, 1.0, 1.5, 1.6, 0.5, 0.4])  # initial, then one per 2 steps
+
+    def dev_loss(*args) -> float:
+        return next(scripted)
+
+    monkeypatch.setattr("prefixtune.train.dev_loss", dev_loss)
+    config = run_config(tmp_path, max_steps=20, eval_every=2, patience=2)
+    summary = train(config, PrefixConfig(length=2), model=tiny_gpt2(TOKENIZER_VOCAB),
+                    tokenizer=bpe_tokenizer, train_examples=examples(8),
+                    dev_examples=examples(4))  # fmt: skip
+    assert summary["stopped_early_at"] == 8  # evaluations at 2 (2.0), 4 (1.0), 6 and 8 (worse)
+    assert (summary["best_dev_loss"], summary["final_dev_loss"]) == (1.0, 1.6)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in lines if "loss" in r) == 8
+    assert load_prefix(tmp_path / "run" / "prefix").meta["step"] == 4
+    resumed = train(dataclasses.replace(config, resume=True), PrefixConfig(length=2),
+                    model=tiny_gpt2(TOKENIZER_VOCAB), tokenizer=bpe_tokenizer,
+                    train_examples=examples(8), dev_examples=examples(4))  # fmt: skip
+    assert resumed["stopped_early_at"] == 8 and resumed["best_dev_loss"] == 1.0  # trains no more

@@ -117,6 +117,9 @@ class TrainConfig:
     """Seed for initialisation, subsampling and batch order."""
     eval_every: int = 0
     """Evaluate the dev loss every N steps (0: once per epoch)."""
+    patience: int = 0
+    """Stop early once the dev loss has not improved for this many evaluations in a row
+    (0: train every step). The kept weights are the best by dev loss either way."""
     checkpoint_every: int = 0
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     log_every: int = 10
@@ -133,7 +136,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        non_negative = ("train_size", "dev_size", "max_steps", "warmup_steps", "eval_every",
+        non_negative = ("train_size", "dev_size", "max_steps", "warmup_steps", "eval_every", "patience",
                         "checkpoint_every", "max_batch_tokens", "grad_clip", "weight_decay")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:

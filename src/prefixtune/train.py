@@ -274,6 +274,14 @@ class Trainer:
                 self._save_artifact(step=step, dev_loss=loss)
         return loss
 
+    def _out_of_patience(self) -> bool:
+        """True once the last `patience` dev evaluations all came after the best one."""
+        patience, history = self.config.patience, self.state["dev_history"]
+        if not patience or not history:
+            return False
+        best = min(range(len(history)), key=lambda i: history[i][1])
+        return len(history) - 1 - best >= patience
+
     def _save_artifact(self, **meta: Any) -> None:
         """The loadable result, with the prompt format that inference must reuse."""
         self.method.save_artifact(self.artifact_dir, dtype=self.config.save_dtype,
@@ -351,11 +359,19 @@ class Trainer:
                 self._log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": rate})
             if done % eval_every == 0 and done != self.total_steps:
                 self._evaluate(done)
+                if self._out_of_patience():
+                    self.state["stopped_at"] = done
+                    self._log({"step": done, "stopped": f"no dev improvement in {config.patience}"
+                               " evaluations"})  # fmt: skip
+                    break
             if config.checkpoint_every and done % config.checkpoint_every == 0:
                 self.state.update(step=done, seconds=elapsed())
                 self._checkpoint(done)
         bar.close()
-        final_dev = self._evaluate(self.total_steps)
+        if "stopped_at" in self.state:  # a resumed run that had stopped early trains no more
+            final_dev = self.state["dev_history"][-1][1]
+        else:
+            final_dev = self._evaluate(self.total_steps)
         if final_dev is None and self.is_main:
             self._save_artifact(step=self.total_steps)
         rate = tokens_seen / max(time.perf_counter() - began, 1e-9)  # this process's part
@@ -378,6 +394,7 @@ class Trainer:
             "initial_dev_loss": self.state.get("initial_dev_loss"),
             "final_dev_loss": final_dev,
             "best_dev_loss": None if math.isinf(self.state["best_dev"]) else self.state["best_dev"],
+            "stopped_early_at": self.state.get("stopped_at"),
             "last_train_loss": last_loss,
             "trainable_parameters": trainable,
             "trainable_share": trainable / base,
