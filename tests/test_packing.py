@@ -22,9 +22,9 @@ NEVER = 1_000_000  # an EOS id no tiny model emits
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
-def mixed_prefix(model) -> PrefixKV:
+def mixed_prefix(model, rows: tuple[int, ...] = (1, 0, 1, 1, 0)) -> PrefixKV:
     stack = [build_encoder(model, PrefixConfig(length=n, reparam=False)).bake() for n in (3, 5)]
-    return PrefixKV.stack(stack, rows=torch.tensor([1, 0, 1, 1, 0]))
+    return PrefixKV.stack(stack, rows=torch.tensor(rows))
 
 
 def prefill(model, prefix, pack: bool, monkeypatch):
@@ -69,11 +69,36 @@ def test_generation_after_a_packed_prefill_equals_the_padded_one(name, monkeypat
     assert calls and outputs[True] == outputs[False]
 
 
+def right_aligned(lengths: list[int]) -> torch.Tensor:
+    return left_pad([[1] * n for n in lengths], 0)[1]
+
+
 def test_packing_pays_only_when_padding_outweighs_the_wider_attention():
     model = BUILDERS["llama"]()
-    assert packing_pays(model, torch.tensor([4, 2, 3, 6]), 6, 5)
-    assert not packing_pays(model, torch.tensor([6, 6, 6, 6]), 6, 5)  # nothing to save
-    assert not packing_pays(model, torch.tensor([900, 1000, 950, 1000]), 1000, 5)  # S^2 attention
+    assert packing_pays(model, right_aligned([4, 2, 3, 6]), None)
+    assert packing_pays(model, right_aligned([4, 2, 3, 6]), mixed_prefix(model, (0, 1, 0, 1)))
+    assert not packing_pays(model, right_aligned([6, 6, 6, 6]), None)  # nothing to save
+    assert not packing_pays(model, right_aligned([900, 1000, 950, 1000]), None)  # S^2 attention
+
+
+def test_masks_with_holes_and_alibi_models_are_never_packed():
+    model = BUILDERS["llama"]()
+    holes = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    assert not packing_pays(model, holes, None)
+    model.config.alibi = True
+    assert not packing_pays(model, right_aligned([4, 2, 3, 6]), None)
+
+
+def test_a_mask_with_holes_decodes_as_the_padded_path(monkeypatch):
+    model = BUILDERS["llama"]()
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 0, 11, 12, 13], [0, 0, 0, 0, 20, 21]])
+    mask = (ids != 0).long()
+    config = GenerateConfig(max_new_tokens=5)
+    outputs = {}
+    for name, pays in (("auto", packing_pays), ("padded", lambda *args: False)):
+        monkeypatch.setattr(generation, "packing_pays", pays)
+        outputs[name] = generate(model, ids, mask, None, config, eos_token_id=NEVER, pad_token_id=0)
+    assert outputs["auto"] == outputs["padded"]
 
 
 def test_preallocated_layer_writes_in_place_and_matches_a_dynamic_layer():
@@ -109,3 +134,20 @@ def test_keys_and_values_assigned_one_after_the_other_keep_their_own_length():
     assert layer.values.shape[-2] == 3  # not a view over 5 positions of the old buffer
     layer.values = torch.nn.functional.pad(layer.values, (0, 0, 2, 0))
     assert torch.equal(layer.values[:, :, 2:], -states) and layer.get_seq_length() == 5
+
+
+def test_hybrid_models_with_convolution_layers_are_never_packed(monkeypatch):
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    config = Lfm2Config(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                        layer_types=["conv", "full_attention", "conv"], pad_token_id=0,
+                        max_position_embeddings=128)  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = Lfm2ForCausalLM(config).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [9, 10], [11]], 0)
+    assert packing_pays(model, mask, None)  # by FLOPs alone it would pay
+    monkeypatch.setattr(generation, "packed_prefill", lambda *args: pytest.fail("packed"))
+    rows = generate(model, ids, mask, None, GenerateConfig(max_new_tokens=3), eos_token_id=NEVER,
+                    pad_token_id=0)  # fmt: skip
+    assert [len(row) for row in rows] == [3, 3, 3]

@@ -122,7 +122,9 @@ def test_bad_train_config_names_the_flag():
 def test_patience_stops_after_evaluations_without_improvement_and_keeps_the_best(
     tmp_path, bpe_tokenizer, monkeypatch
 ):
-    scripted = iter([3.0, 2.0, 1.0, 1.5, 1.6, 0.5, 0.4])  # initial, then one per 2 steps
+    scripted = iter(
+        [3.0, 2.0, 1.0, 1.5, 1.6, 0.5, 0.4, 0.45, 0.6, 0.7, 0.8]
+    )  # initial, every 2 steps
 
     def dev_loss(*args) -> float:
         return next(scripted)
@@ -137,7 +139,12 @@ def test_patience_stops_after_evaluations_without_improvement_and_keeps_the_best
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in lines if "loss" in r) == 8
     assert load_prefix(tmp_path / "run" / "prefix").meta["step"] == 4
-    resumed = train(dataclasses.replace(config, resume=True), PrefixConfig(length=2),
-                    model=tiny_gpt2(TOKENIZER_VOCAB), tokenizer=bpe_tokenizer,
-                    train_examples=examples(8), dev_examples=examples(4))  # fmt: skip
-    assert resumed["stopped_early_at"] == 8 and resumed["best_dev_loss"] == 1.0  # trains no more
+    kwargs = dict(model=tiny_gpt2(TOKENIZER_VOCAB), tokenizer=bpe_tokenizer,
+                  train_examples=examples(8), dev_examples=examples(4))  # fmt: skip
+    again = train(dataclasses.replace(config, resume=True), PrefixConfig(length=2), **kwargs)
+    assert again["stopped_early_at"] == 8 and again["best_dev_loss"] == 1.0  # trains no more
+    more = train(dataclasses.replace(config, resume=True, patience=0), PrefixConfig(length=2),
+                 **kwargs)  # fmt: skip
+    assert more["stopped_early_at"] is None and more["best_dev_loss"] == 0.4  # at step 12
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r][8:] == list(range(9, 21))  # went on from 8

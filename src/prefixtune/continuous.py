@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from .attention import PrefixKV
 from .config import GenerateConfig
 from .generate import DecodeState, ban_repeated_ngrams, frozen_prefix, left_pad, prefill_decoder
 from .generate import pick_tokens as pick_tokens_batch
+from .kvcache import plain_attention_layers
 
 
 @dataclass
@@ -49,8 +50,7 @@ def seedable(model: PreTrainedModel) -> bool:
     """True when prefixes can live in this model's KV cache (decoder-only, no sliding layers)."""
     if getattr(model.config, "is_encoder_decoder", False):
         return False
-    cache = DynamicCache(config=model.config)
-    return all(type(layer) is DynamicLayer for layer in cache.layers) and bool(cache.layers)
+    return plain_attention_layers(DynamicCache(config=model.config))
 
 
 def _pad_left(t: Tensor, width: int, dim: int) -> Tensor:

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .attention import ATTN_NAME, PrefixKV, enable_prefixes, position_ids_for
 from .config import ConfigError, GenerateConfig
-from .kvcache import preallocated_cache
+from .kvcache import plain_attention_layers, preallocated_cache
 from .models import accepts_argument, is_encoder_decoder
 from .packing import packed_prefill, packing_pays
 
@@ -143,10 +143,8 @@ def can_seed_cache(model: PreTrainedModel, prefix: PrefixKV | None, cache: Cache
 
 
 def full_attention_decoder(model: PreTrainedModel, cache: Cache) -> bool:
-    """A decoder-only model whose cache layers all keep every position (no sliding windows)."""
-    return not is_encoder_decoder(model) and not any(
-        getattr(layer, "is_sliding", False) for layer in cache.layers
-    )
+    """A decoder-only model whose cache layers all keep every position of plain attention."""
+    return not is_encoder_decoder(model) and plain_attention_layers(cache)
 
 
 def seed_cache(cache: Cache, prefix: PrefixKV, batch: int, dtype: torch.dtype) -> Tensor:
@@ -205,7 +203,7 @@ def prefill_decoder(
     seeded = seedable and prefix_in_cache is not False
     room = torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device)
     if (seeded or (prefix is None and full_attention_decoder(model, cache))) and packing_pays(
-        model, attention_mask.sum(-1), input_ids.shape[1], prefix_length
+        model, attention_mask, prefix
     ):
         keys, logits = packed_prefill(model, input_ids, attention_mask, prefix, cache)
         mask = torch.cat([keys, room], dim=1)  # (B, P + T + max_new)

@@ -120,3 +120,11 @@ def preallocated_cache(config: PretrainedConfig, capacity: int) -> DynamicCache:
         for layer in cache.layers
     ]
     return cache
+
+
+def plain_attention_layers(cache: DynamicCache) -> bool:
+    """Every layer keeps every position of plain attention keys/values (no sliding windows, no
+    linear-attention or convolution states): what seeding and packing rely on."""
+    return bool(cache.layers) and all(
+        type(layer) in (DynamicLayer, PreallocatedLayer) for layer in cache.layers
+    )

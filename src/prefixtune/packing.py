@@ -20,25 +20,51 @@ from .attention import ATTN_NAME, PrefixKV
 from .models import accepts_argument
 
 PACKABLE_ATTENTION = (ATTN_NAME, "sdpa")  # take a boolean 4D mask as it is
+ALIBI_MODELS = ("bloom", "mpt")  # build their position bias from a 2D mask
 
 
-def packing_pays(model: PreTrainedModel, lengths: Tensor, width: int, prefix_length: int) -> bool:
-    """True when one packed sequence costs fewer FLOPs than the padded (B, T) batch.
+def packing_pays(model: PreTrainedModel, attention_mask: Tensor, prefix: PrefixKV | None) -> bool:
+    """True when one packed sequence can stand for the left-padded (B, T) batch and costs
+    fewer FLOPs.
 
-    lengths: (B,) real prompt tokens per row; width: T, the padded length.
     Linear layers cost ~2 x (non-embedding parameters) per token; attention ~4 x hidden x
-    layers per (query, key) pair, and a packed sequence attends over all S = sum(lengths) keys.
+    layers per (query, key) pair, and a packed sequence attends over all S = sum(lengths) keys
+    plus every distinct prefix. Models that build ALiBi from a 2D mask, attention that does not
+    take a boolean 4D mask, and masks with holes inside a prompt are never packed.
     """
     config = model.config
-    if config._attn_implementation not in PACKABLE_ATTENTION or int(lengths.min()) == width:
+    if config._attn_implementation not in PACKABLE_ATTENTION or _alibi(config):
         return False
+    lengths, width = attention_mask.sum(-1), attention_mask.shape[1]
+    if int(lengths.min()) == width or not _left_padded(attention_mask, lengths):
+        return False
+    prefix_length, distinct = _prefix_size(prefix)
     hidden = config.hidden_size
     linear = 2 * (model.num_parameters() - config.vocab_size * hidden)
     pair = 4 * hidden * config.num_hidden_layers
     batch, packed = len(lengths), int(lengths.sum())
     padded_cost = batch * width * (linear + pair * (width + prefix_length))
-    packed_cost = packed * (linear + pair * (packed + batch * prefix_length))
+    packed_cost = packed * (linear + pair * (packed + distinct * prefix_length))
     return packed_cost < padded_cost
+
+
+def _alibi(config) -> bool:
+    return config.model_type in ALIBI_MODELS or bool(getattr(config, "alibi", False))
+
+
+def _left_padded(attention_mask: Tensor, lengths: Tensor) -> bool:
+    """Each row's real tokens are one run ending at the last column (no holes)."""
+    column = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    expected = column[None, :] >= attention_mask.shape[1] - lengths[:, None]  # (B, T)
+    return bool(torch.equal(attention_mask.bool(), expected))
+
+
+def _prefix_size(prefix: PrefixKV | None) -> tuple[int, int]:
+    """(positions per prefix, distinct prefixes the rows use)."""
+    if prefix is None:
+        return 0, 0
+    length = max(t.shape[-2] for t in prefix.kv.values())
+    return length, 1 if prefix.rows is None else int(prefix.rows.unique().numel())
 
 
 def packed_prefill(

@@ -9,6 +9,7 @@ runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -167,10 +168,12 @@ def run_parallel(grid: list[RunSpec], root: Path, scale: dict[str, Any], model: 
     A failed run stops new ones from starting; those already running finish (and keep their
     result.json), then the first error is raised.
     """
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    jobs = min(jobs, len(grid))
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)  # the cores this process may use
     rows: dict[str, dict[str, Any]] = {}
     context = get_context("spawn")  # torch and fork do not mix
-    with ProcessPoolExecutor(jobs, context, initializer=_set_threads, initargs=(threads,)) as pool:
+    setup = (threads, logging.getLogger().getEffectiveLevel())
+    with ProcessPoolExecutor(jobs, context, initializer=_set_up_worker, initargs=setup) as pool:
         futures = {pool.submit(run_one, spec, root, scale, model): spec.name for spec in grid}
         for done, future in enumerate(as_completed(futures), 1):
             if future.exception() is not None:
@@ -181,7 +184,8 @@ def run_parallel(grid: list[RunSpec], root: Path, scale: dict[str, Any], model: 
     return [rows[spec.name] for spec in grid]
 
 
-def _set_threads(threads: int) -> None:
+def _set_up_worker(threads: int, log_level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(message)s")

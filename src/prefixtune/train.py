@@ -339,7 +339,9 @@ class Trainer:
         if start == 0 and self.dev_batches:
             self.state["initial_dev_loss"] = self._evaluate(0)
         self.method.train()
-        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps,
+        stopped = 0 < start < self.total_steps and self._out_of_patience()  # resumed after a stop
+        bar = tqdm(range(start, start if stopped else self.total_steps), initial=start,
+                   total=self.total_steps,
                    desc="train", disable=not (config.progress and self.is_main),
                    dynamic_ncols=True)  # fmt: skip
         began, tokens_seen, loss = time.perf_counter(), 0, math.nan
@@ -348,19 +350,20 @@ class Trainer:
         def elapsed() -> float:
             return earlier + time.perf_counter() - began
 
+        last = start  # the last step trained
         for step in bar:
             loss, tokens = self._train_step(step)
             tokens_seen += tokens
             rate = tokens_seen / max(time.perf_counter() - began, 1e-9)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}")
-            done = step + 1
+            done = last = step + 1
             if done % config.log_every == 0 or done == self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 self._log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": rate})
             if done % eval_every == 0 and done != self.total_steps:
                 self._evaluate(done)
                 if self._out_of_patience():
-                    self.state["stopped_at"] = done
+                    stopped = True
                     self._log({"step": done, "stopped": f"no dev improvement in {config.patience}"
                                " evaluations"})  # fmt: skip
                     break
@@ -368,15 +371,16 @@ class Trainer:
                 self.state.update(step=done, seconds=elapsed())
                 self._checkpoint(done)
         bar.close()
-        if "stopped_at" in self.state:  # a resumed run that had stopped early trains no more
+        if stopped:
             final_dev = self.state["dev_history"][-1][1]
         else:
             final_dev = self._evaluate(self.total_steps)
         if final_dev is None and self.is_main:
             self._save_artifact(step=self.total_steps)
         rate = tokens_seen / max(time.perf_counter() - began, 1e-9)  # this process's part
-        self.state.update(step=self.total_steps, seconds=elapsed())
-        self._checkpoint(self.total_steps)
+        # an early stop checkpoints where it stopped: a resume with more patience goes on from there
+        self.state.update(step=last, seconds=elapsed(), stopped_at=last if stopped else None)
+        self._checkpoint(last)
         summary = self._write_summary(final_dev, loss, self.state["seconds"], rate)
         if self.dist:  # nobody leaves before rank 0 has written everything
             self.dist.barrier()
