@@ -32,7 +32,7 @@ def test_train_from_flags_and_config_file(tmp_path, model_dir, jsonl, capsys):
     assert run["train_config"]["batch_size"] == 4 and run["train_config"]["lr"] == 0.01
     assert run["prefix_config"]["length"] == 3 and run["prefix_config"]["mlp_hidden"] == 8
     assert load_prefix(out / "prefix").length == 3
-    assert "saved:" in capsys.readouterr().out
+    assert f"saved: {out}/prefix (artifact)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def test_one_artifact_per_task_reloads_to_the_same_per_row_outputs(tmp_path, bpe
     trainer = _run(tmp_path, bpe_tokenizer, "run", "table=builtin,web=builtin", train)
     summary = trainer.fit()
     out = tmp_path / "run"
-    assert not (out / "prefix").exists()
+    assert not (out / "prefix").exists() and summary["artifact"] == "prefixes"
     index = json.loads((out / "prefixes" / "index.json").read_text())
     assert [(t["name"], t["task_id"]) for t in index["tasks"]] == [("table", 0), ("web", 1)]
     assert [t["train_examples"] for t in summary["tasks"]] == [10, 12]

@@ -399,6 +399,7 @@ class Trainer:
             "final_dev_loss": final_dev,
             "best_dev_loss": None if math.isinf(self.state["best_dev"]) else self.state["best_dev"],
             "stopped_early_at": self.state.get("stopped_at"),
+            "artifact": self.artifact_dir.name,  # in the run directory: prefix/ or prefixes/
             "last_train_loss": last_loss,
             "trainable_parameters": trainable,
             "trainable_share": trainable / base,

@@ -42,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     keys = ("initial_dev_loss", "final_dev_loss", "best_dev_loss", "trainable_parameters",
             "trainable_share", "tokens_per_second", "seconds")  # fmt: skip
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"saved: {config.out}/prefix (artifact), {config.out}/run.json")
+    print(f"saved: {config.out}/{summary['artifact']} (artifact), {config.out}/run.json")
     return 0
