@@ -29,6 +29,17 @@ def test_tiny_experiment_writes_table_and_plot_and_resumes(model_dir, tmp_path, 
     capsys.readouterr()
     assert main(argv) == 0  # every run has its result.json: nothing is trained again
     assert "train" not in capsys.readouterr().err
+    (tmp_path / "runs" / f"{experiment}-tiny" / "len5" / "result.json").unlink()
+    assert main([*argv, "--report-only"]) == 0  # trains nothing, reports the finished run
+    assert "1 of 2 runs finished" in (out / "results.md").read_text()
+    assert [r["length"] for r in csv.DictReader((out / "results.csv").open())] == ["1"]
+    assert not (tmp_path / "runs" / f"{experiment}-tiny" / "len5" / "result.json").exists()
+
+
+def test_report_only_without_finished_runs_is_one_clear_error(tmp_path, capsys):
+    argv = ["reproduce", "length", "--scale", "tiny", "--report-only", "--runs", str(tmp_path)]
+    assert main(argv) != 0
+    assert "no finished runs to report" in capsys.readouterr().err
 
 
 def test_bad_jobs_count_is_one_clear_error(tmp_path, capsys):

@@ -180,9 +180,9 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
     from .train import train
 
     run_dir = root / spec.name
-    done = run_dir / "result.json"
-    if done.exists():
-        return with_shares(json.loads(done.read_text()), run_dir)
+    finished = finished_row(spec, root)
+    if finished is not None:
+        return finished
     config = TrainConfig(**{**spec.train, "model": model, "out": str(run_dir), "resume": True,
                             "progress": False})  # fmt: skip
     summary = train(config, PrefixConfig(**spec.prefix))
@@ -195,8 +195,15 @@ def run_one(spec: RunSpec, root: Path, scale: dict[str, Any], model: str) -> dic
            "dev_loss": summary["best_dev_loss"], "trainable": summary["trainable_parameters"],
            "seconds": summary["seconds"]}  # fmt: skip
     row = with_shares(row, run_dir)
-    atomic_write_json(done, row)
+    atomic_write_json(run_dir / "result.json", row)
     return row
+
+
+def finished_row(spec: RunSpec, root: Path) -> dict[str, Any] | None:
+    """The result row of a finished run (its result.json), or None."""
+    run_dir = root / spec.name
+    done = run_dir / "result.json"
+    return with_shares(json.loads(done.read_text()), run_dir) if done.exists() else None
 
 
 def with_shares(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:

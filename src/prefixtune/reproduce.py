@@ -22,6 +22,7 @@ from .experiments import (
     SCALES,
     RunSpec,
     check_experiment,
+    finished_row,
     markdown_table,
     run_one,
     summarise,
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="base model (default: embedded SmolLM2-135M)")
     parser.add_argument("--runs", default="runs/reproduce", help="where the runs are kept")
     parser.add_argument("--results", default="docs/results", help="where tables and plots go")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the tables and plot from the runs finished so "
+                             "far (marked partial when some are missing)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process with cores/jobs "
                              "threads (CPU: one per core is fastest; GPU: keep 1)")  # fmt: skip
@@ -94,8 +98,11 @@ def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, p
     plt.close(fig)
 
 
-def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str) -> str:
-    """Write results.csv, results.md and the plot; returns the markdown."""
+def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str,
+           planned: int | None = None) -> str:  # fmt: skip
+    """Write results.csv, results.md and the plot; returns the markdown.
+
+    planned: the grid's size; fewer rows than that mark the report partial."""
     x, series = GROUPING[name]
     metrics = METRICS.get(name, ("BLEU", "ROUGE_L"))
     keys = [x] + ([series] if series else [])
@@ -107,6 +114,9 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
             table.append(entry)
     write_results(rows, out)
     head = f"# {name} ({scale} scale)\n\nCommand: `{command}`\n\n"
+    if planned and len(rows) < planned:
+        head += (f"**Partial:** {len(rows)} of {planned} runs finished (`--report-only`); "
+                 "the others are not in this table.\n\n")  # fmt: skip
     if name in TABLE_LAYOUT:
         body, note = method_table(rows, TABLE_LAYOUT[name]), TABLE_NOTE
     else:
@@ -147,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
     scale = SCALES[args.scale]
     root = Path(args.runs) / f"{args.experiment}-{args.scale}"
     grid = GRIDS[args.experiment](scale)
-    if args.jobs == 1:
+    if args.report_only:
+        rows = [row for spec in grid if (row := finished_row(spec, root)) is not None]
+        if not rows:
+            raise ConfigError(f"{root}: no finished runs to report (run without --report-only)")
+    elif args.jobs == 1:
         rows = []
         for index, spec in enumerate(grid, 1):
             print(f"[{index}/{len(grid)}] {spec.name}", flush=True)
@@ -157,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     command = f"prefixtune reproduce {args.experiment} --scale {args.scale}"
     if args.model:
         command += f" --model {args.model}"
-    print(report(args.experiment, args.scale, rows, Path(args.results) / args.experiment, command))
+    out = Path(args.results) / args.experiment
+    print(report(args.experiment, args.scale, rows, out, command, planned=len(grid)))
     return 0
 
 
