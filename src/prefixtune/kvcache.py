@@ -55,7 +55,8 @@ class PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self._length, self._length + key_states.shape[-2]
-        if self._key_buffer is None or end > min(b.shape[-2] for b in self._buffers()):
+        buffers = (self._key_buffer, self._value_buffer)
+        if buffers[0] is None or end > min(b.shape[-2] for b in buffers):
             self._grow(key_states, value_states, end)
         self._key_buffer[:, :, start:end] = key_states
         self._value_buffer[:, :, start:end] = value_states
@@ -64,9 +65,6 @@ class PreallocatedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self._length
-
-    def _buffers(self) -> tuple[Tensor, Tensor]:
-        return self._key_buffer, self._value_buffer
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep/reorder rows; the new buffers keep the old capacity."""
