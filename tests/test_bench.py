@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from prefixtune import bench
+from prefixtune import bench, bench_report
 from prefixtune.artifact import FoldedPrefix
 from prefixtune.bench_common import Memory, build_ours, build_peft, copy_peft_weights
 from prefixtune.bench_flops import geometry, mlp_flops, train_step_flops
@@ -131,6 +131,39 @@ def test_plan_covers_the_issue_matrix():
     dtypes, note = bench.resolve_dtypes(["auto"])
     assert dtypes == (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     assert (note is None) == native_bf16("cpu")
+
+
+def test_compile_adds_compiled_twins_paired_with_peft():
+    plain = dict(bench.build_plan(["train", "real"], ["smollm2"], ["fp32"], False, 5, 1))
+    plan = dict(bench.build_plan(["train", "real"], ["smollm2"], ["fp32"], False, 5, 1, True))
+    twins = {name for name in plan if name.endswith("-compiled")}
+    assert twins == {f"train/smollm2/fp32/P{n}/ours-{k}-compiled" for n in (10, 200)
+                     for k in ("mlp", "table")} | {"real/smollm2/fp32/ours-compiled"}  # fmt: skip
+    assert set(plan) - twins == set(plain) and not any(s.get("compile") for s in plain.values())
+    assert all(plan[name]["compile"] and plan[name]["impl"] == "ours" for name in twins)
+    fake = {name: {"spec": spec, "tokens_per_s": 2.0 if spec.get("compile") else 1.0, "median_s": 1,
+                   "peak_rss_mb": 1.0}
+            for name, spec in plan.items() if spec["kind"] != "equal_loss"}  # fmt: skip
+    pairs = {(p["key"], p["reference"]): p for p in bench_report.comparisons(fake)}
+    twin = pairs[("train/smollm2/fp32/P10/ours-mlp-compiled", "PEFT")]
+    assert twin["ratio"] == 2.0 and twin["reference_rate"] == 1.0
+    assert pairs[("real/smollm2/fp32/ours-compiled", "PEFT")]["ratio"] == 2.0
+    fixed = bench_report.targets(list(pairs.values()), [], fake, {})[1]
+    assert fixed["met"] and "compiled" in fixed["measured"]  # judged on the fastest variant
+
+
+@pytest.mark.slow  # inductor compiles C++ for a minute or more
+def test_quick_compiled_training_config_runs(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--suite", "train", "--compile", "--only", "P2/ours-mlp", "--iters", "2",
+            "--no-memory-pass", "--out", str(out)]  # fmt: skip
+    assert bench.run(parser.parse_args(args)) == 0
+    results = json.loads(out.read_text())["results"]
+    eager, compiled = (results[f"train/tiny-llama/fp32/P2/ours-mlp{s}"] for s in ("", "-compiled"))
+    assert compiled["spec"]["compile"] and compiled["median_s"] > 0
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
 
 
 def test_memory_peak_covers_the_steps_only():

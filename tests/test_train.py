@@ -148,3 +148,20 @@ def test_patience_stops_after_evaluations_without_improvement_and_keeps_the_best
     assert more["stopped_early_at"] is None and more["best_dev_loss"] == 0.4  # at step 12
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r][8:] == list(range(9, 21))  # went on from 8
+
+
+@pytest.mark.slow  # inductor compiles C++ for a minute or more
+def test_compiled_training_matches_eager(tmp_path, bpe_tokenizer):
+    """--compile changes kernels, not results: the same prefix after the same steps."""
+    trainers = {}
+    for name, flag in (("eager", False), ("compiled", True)):
+        torch.manual_seed(0)
+        config = run_config(tmp_path / name, max_steps=2, compile=flag)
+        trainers[name] = Trainer(config, PrefixConfig(length=3, mlp_hidden=16),
+                                 model=tiny_gpt2(TOKENIZER_VOCAB), tokenizer=bpe_tokenizer,
+                                 train_examples=examples(8), dev_examples=[])  # fmt: skip
+        trainers[name].fit()
+    assert trainers["compiled"].loss is not trainers["compiled"].method.loss  # really compiled
+    eager = load_prefix(tmp_path / "eager" / "run" / "prefix").kv["self"]
+    compiled = load_prefix(tmp_path / "compiled" / "run" / "prefix").kv["self"]
+    assert torch.allclose(eager, compiled, atol=1e-5)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .bench_report import COMPILED
 from .bench_runner import RESULT_MARK, TIMED, Runner, memory_pass, worker_main
 from .files import atomic_write_text
 
@@ -97,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes forked from a pre-imported server, or a fresh "
         "`python -m prefixtune.bench --worker` each (slower start)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run prefixtune's training configs (train, mfu, real) under torch.compile "
+        f"(`train --compile`), named *{COMPILED}; each compiles for minutes first",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
     parser.add_argument(
         "--memory-pass",
@@ -136,26 +143,31 @@ def resolve_dtypes(requested: list[str]) -> tuple[list[str], str | None]:
     return list(dict.fromkeys(dtypes)), note
 
 
-def _train_specs(model: str, dtype: str, shapes: dict, base: dict) -> list[tuple[str, dict]]:
+def _train_specs(model: str, dtype: str, shapes: dict, base: dict,
+                 compile: bool) -> list[tuple[str, dict]]:  # fmt: skip
     train = shapes["train"]
     common = {**base, "kind": "train", "model": model, "dtype": dtype, "batch": train["batch"],
               "seq": train["seq"]}  # fmt: skip
     specs = []
     for length in train["prefix_lens"]:
         for reparam in (True, False):
-            for impl in ("ours", "peft"):
-                name = f"train/{model}/{dtype}/P{length}/{impl}-{'mlp' if reparam else 'table'}"
-                specs.append((name, {**common, "impl": impl, "prefix_len": length,
-                                     "reparam": reparam}))  # fmt: skip
+            name = f"train/{model}/{dtype}/P{length}/{{}}-{'mlp' if reparam else 'table'}"
+            spec = {**common, "prefix_len": length, "reparam": reparam, "compile": False}
+            specs += [(name.format(impl), {**spec, "impl": impl}) for impl in ("ours", "peft")]
+            if compile:
+                specs.append((name.format("ours") + COMPILED, {**spec, "impl": "ours",
+                                                               "compile": True}))  # fmt: skip
     for impl, label in (("finetune", "finetune"), ("frozen", "frozen-floor")):
-        spec = {**common, "impl": impl, "prefix_len": 0, "reparam": False}
+        spec = {**common, "impl": impl, "prefix_len": 0, "reparam": False, "compile": False}
         specs.append((f"train/{model}/{dtype}/{label}", spec))
     return specs
 
 
 def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], quick: bool,
-               iters: int, warmup: int) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
-    """(name, worker spec) for every configuration of the chosen suites, without repeats."""
+               iters: int, warmup: int,
+               compile: bool = False) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """(name, worker spec) for every configuration of the chosen suites, without repeats.
+    With `compile`, prefixtune's training configs also run under torch.compile (*-compiled)."""
     shapes = QUICK if quick else FULL
     base = {"iters": iters, "warmup": warmup, "seed": 0, "mlp_hidden": shapes["mlp_hidden"]}
     chosen = list(SUITES) if "all" in suites else suites
@@ -173,19 +185,21 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
                     "batch": 2, "seq": 16, "seed": 0,
                 }  # fmt: skip
             for dtype in dtypes:
-                plan.update(_suite_specs(suite, model, dtype, shapes, base))
+                plan.update(_suite_specs(suite, model, dtype, shapes, base, compile))
         if suite == "mfu":
             plan["mfu/peak"] = {"kind": "peak", "dtypes": ["fp32", "bf16"], "quick": quick}
     return list(plan.items())
 
 
-def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict) -> dict:
+def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict,
+                 compile: bool = False) -> dict:  # fmt: skip
     tag = f"{model}/{dtype}"
     if suite == "train":
-        return dict(_train_specs(model, dtype, shapes, base))
+        return dict(_train_specs(model, dtype, shapes, base, compile))
     if suite == "mfu":  # prefixtune at both lengths and the floor (shared with the train suite)
-        specs = dict(_train_specs(model, dtype, shapes, base))
-        return {k: v for k, v in specs.items() if k.endswith(("ours-mlp", "frozen-floor"))}
+        specs = dict(_train_specs(model, dtype, shapes, base, compile))
+        kept = ("ours-mlp", "ours-mlp" + COMPILED, "frozen-floor")
+        return {k: v for k, v in specs.items() if k.endswith(kept)}
     if suite == "long":
         long = shapes["long"]
         common = {**base, "kind": "train", "model": model, "dtype": dtype, "reparam": True,
@@ -204,7 +218,9 @@ def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict) -
     if suite == "real":
         common = {**base, "kind": "real", "model": model, "dtype": dtype, "reparam": True,
                   **shapes["real"]}  # fmt: skip
-        return {f"real/{tag}/{impl}": {**common, "impl": impl} for impl in ("ours", "peft")}
+        impls = ["ours", "peft"] + ([f"ours{COMPILED}"] if compile else [])
+        return {f"real/{tag}/{impl}": {**common, "impl": impl.removesuffix(COMPILED),
+                                       "compile": impl.endswith(COMPILED)} for impl in impls}  # fmt: skip
     raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -245,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
     if args.iters < 1 or args.warmup < 0:
         raise ConfigError("--iters must be >= 1 and --warmup >= 0")
     dtypes, note = resolve_dtypes(args.dtypes)
-    plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup)
+    plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup,
+                      args.compile)  # fmt: skip
     if args.only:
         plan = [(name, spec) for name, spec in plan if any(part in name for part in args.only)]
     threads = args.threads or (1 if args.quick else 0)  # tiny ops: thread spin costs dominate

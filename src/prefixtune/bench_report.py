@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+COMPILED = "-compiled"  # name suffix of a config run under torch.compile (bench --compile)
+
 TARGETS = {
     "real": "real E2E workload: tokens/s >= 1.5x PEFT, peak memory no higher",
     "fixed": "fixed-shape training step: tokens/s >= PEFT (beside the frozen floor)",
@@ -57,13 +59,13 @@ def comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         suite = name.split("/", 1)[0]
         if suite == "train" and spec.get("impl") == "ours":
             root = name.rsplit("/", 2)[0]  # train/model/dtype
-            out.append(_pair(suite, name, result, results.get(name.replace("/ours-", "/peft-"),
-                             {}), "PEFT"))  # fmt: skip
+            peft = name.replace("/ours-", "/peft-").removesuffix(COMPILED)
+            out.append(_pair(suite, name, result, results.get(peft, {}), "PEFT"))
             for label in ("frozen-floor", "finetune"):
                 out.append(_pair(suite, name, result, results.get(f"{root}/{label}", {}), label))
         elif suite in ("generate", "real") and spec.get("impl") == "ours":
-            out.append(_pair(suite, name, result, results.get(name[: -len("ours")] + "peft", {}),
-                             "PEFT"))  # fmt: skip
+            peft = name.removesuffix(COMPILED).removesuffix("ours") + "peft"
+            out.append(_pair(suite, name, result, results.get(peft, {}), "PEFT"))
         elif suite == "multitenant" and spec.get("impl") == "ours":
             theirs = results.get(name[: -len("ours")] + "peft-switching", {})
             out.append(_pair(suite, name, result, theirs, "PEFT switching"))
@@ -115,6 +117,8 @@ def targets(pairs: list[dict], mfu_rows: list[dict], results: dict, meta: dict) 
         return [p for p in pairs if p["suite"] == suite and p["reference"] == reference]
 
     fixed = [p for p in of("train") if "/P" in p["key"]]
+    if any(p["key"].endswith(COMPILED) for p in fixed):  # the fastest way to run prefixtune
+        fixed = [p for p in fixed if p["key"].endswith(COMPILED)]
     floor = [p["ratio"] for p in of("train", "frozen-floor") if p.get("ratio") is not None]
     fixed_row = _target("fixed", fixed, 1.0)
     if floor:

@@ -83,6 +83,10 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         loss_fn, params = _setup(spec, model, batch)
     except ValueError as err:
         return {"refused": str(err)}
+    if spec.get("compile"):
+        from .models import compiled
+
+        loss_fn = compiled(loss_fn, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     last = {}
 
@@ -147,7 +151,7 @@ def _train_config(spec: dict[str, Any], out: str):
     autocast_name = "bfloat16" if spec["dtype"] == "bf16" else "float32"
     return TrainConfig(data="e2e", out=out, dev_split="", batch_size=spec["batch"],
                        max_steps=10**6, autocast=autocast_name, device="cpu", progress=False,
-                       seed=spec.get("seed", 0), lr=LR)  # fmt: skip
+                       seed=spec.get("seed", 0), lr=LR, compile=spec.get("compile", False))  # fmt: skip
 
 
 def _ours_passes(spec, model, tokenizer, examples, out):

@@ -106,6 +106,9 @@ class TrainConfig:
     """cpu, cuda, or auto (cuda when available)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time; for long inputs)."""
+    compile: bool = False
+    """Compile the training loss with torch.compile (inductor): fused kernels, ~1.1-1.2x on
+    CPU, after minutes of compiling (needs a C++ compiler on CPU; pays on long runs)."""
     separator: str = "\n"
     """Decoder-only prompt format: [BOS] source SEPARATOR target (e.g. '\nTL;DR: ' for
     summaries). Kept with the run and the prefix artifact; evaluate, generate and serve reuse it."""

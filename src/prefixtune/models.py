@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +190,14 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
+
+
+def compiled(loss_fn: Callable[..., Tensor], device: torch.device) -> Callable[..., Tensor]:
+    """`loss_fn` under torch.compile (inductor). Shapes are specialised on the first call and
+    made dynamic after the first change, so length-bucketed batches compile two or three times.
+
+    Inductor on CPU writes C++: without a compiler it would fail at the first step, so refuse now.
+    """
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        raise ConfigError("--compile needs a C++ compiler on CPU (g++); install one or drop it")
+    return torch.compile(loss_fn, dynamic=None)

@@ -44,7 +44,13 @@ from .data import (
 from .distributed import Distributed, from_env
 from .files import atomic_write_json
 from .methods import Method, build_method
-from .models import autocast_dtype, enable_gradient_checkpointing, is_encoder_decoder, load_model
+from .models import (
+    autocast_dtype,
+    compiled,
+    enable_gradient_checkpointing,
+    is_encoder_decoder,
+    load_model,
+)
 from .multitask import tag, tag_items, task_list, with_task_ids
 from .objective import count_tokens, target_positions
 
@@ -225,6 +231,7 @@ class Trainer:
         self.method.module.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.loss = compiled(self.method.loss, self.device) if config.compile else self.method.loss
         self.optimizer = torch.optim.AdamW(self.method.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)  # fmt: skip
         per_epoch = math.ceil(self.batches.per_epoch / config.grad_accum)
@@ -308,7 +315,7 @@ class Trainer:
                     continue
             batch = to_device(batch, self.device)
             with autocast_context(self.amp, self.device):
-                loss = self.method.loss(batch)
+                loss = self.loss(batch)
                 if weight != 1.0:
                     loss = loss * weight
                 loss = loss / accum
