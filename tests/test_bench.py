@@ -222,3 +222,39 @@ def test_worker_command_prints_one_json_result():
     line = [x for x in done.stdout.splitlines() if x.startswith(bench.RESULT_MARK)][-1]
     result = json.loads(line[len(bench.RESULT_MARK) :])
     assert result["fp32"]["gflops"] > 0 and result["fp32"]["threads"] == 1
+
+
+def test_decoding_that_differs_from_the_reference_is_not_compared():
+    def decoded(impl, rows, seconds):
+        return {"median_s": seconds, "new_tokens_per_s": 8 / seconds, "outputs": rows,
+                "spec": {"impl": impl}}  # fmt: skip
+
+    ours = [[1], [2]]
+    for theirs, comparable in (([[1], [2]], True), ([[1], [3]], False)):
+        results = {"generate/m/fp32/ours": decoded("ours", ours, 1.0),
+                   "generate/m/fp32/peft": decoded("peft", theirs, 2.0)}  # fmt: skip
+        pairs = bench_report.comparisons(results)
+        row = bench_report._target("generate", pairs, 1.2)
+        assert pairs[0]["same_tokens"] is comparable
+        if comparable:
+            assert row["met"] is True and row["measured"].startswith("2.00x")
+        else:
+            assert row["met"] is None and "not comparable" in row["measured"]
+            assert "1/2" in row["measured"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_is_compared_with_our_own_fp32(native):
+    def trained(dtype, seconds):
+        return {"median_s": seconds, "tokens_per_s": 100 / seconds,
+                "spec": {"impl": "ours", "dtype": dtype}}  # fmt: skip
+
+    results = {"train/m/fp32/P10/ours-mlp": trained("fp32", 2.0),
+               "train/m/bf16/P10/ours-mlp": trained("bf16", 1.0)}  # fmt: skip
+    pairs = bench_report.comparisons(results)
+    (pair,) = [p for p in pairs if p["reference"] == "fp32 (ours)"]
+    assert pair["key"] == "train/m/bf16/P10/ours-mlp" and pair["ratio"] == 2.0
+    rows = bench_report.targets(pairs, [], results, {"native_bf16": native})
+    (row,) = [r for r in rows if r["target"] == bench_report.TARGETS["bf16"]]
+    assert row["met"] is (True if native else None)
+    assert row["measured"].startswith("2.00x") and ("not applicable" in row["measured"]) != native

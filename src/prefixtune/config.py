@@ -107,8 +107,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time; for long inputs)."""
     compile: bool = False
-    """Compile the training loss with torch.compile (inductor): fused kernels, ~1.1-1.2x on
-    CPU, after minutes of compiling (needs a C++ compiler on CPU; pays on long runs)."""
+    """Compile the training loss with torch.compile (inductor): fused kernels, 1.1-1.2x on
+    CPU and less memory, after minutes of compiling (needs a C++ compiler on CPU)."""
     separator: str = "\n"
     """Decoder-only prompt format: [BOS] source SEPARATOR target (e.g. '\nTL;DR: ' for
     summaries). Kept with the run and the prefix artifact; evaluate, generate and serve reuse it."""
