@@ -165,3 +165,25 @@ def test_compiled_training_matches_eager(tmp_path, bpe_tokenizer):
     eager = load_prefix(tmp_path / "eager" / "run" / "prefix").kv["self"]
     compiled = load_prefix(tmp_path / "compiled" / "run" / "prefix").kv["self"]
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_equals_torch_in_value_and_gradient(reduction):
+    from prefixtune.objective import _CrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=generator)
+    head = torch.randn(16, 50, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    grads = []
+    for ours in (True, False):
+        head.grad = None
+        logits = hidden @ head  # (N, V), an intermediate as the LM head's output is
+        if ours:
+            loss = _CrossEntropy.apply(logits, targets, reduction == "mean")
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction=reduction)
+        loss.backward()
+        grads.append((loss.detach(), head.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)

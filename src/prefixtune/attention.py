@@ -170,9 +170,49 @@ def prefix_attention(
             )
             key = torch.cat([p_key.to(key.dtype), key], dim=2)  # (B, H_kv, P+S, D)
             value = torch.cat([p_value.to(value.dtype), value], dim=2)
+    kernel_dtype = _kernel_dtype(query)
+    if not _fp32_for_backward(kernel_dtype, query, key, value):
+        return _sdpa(module, query, key, value, attention_mask, kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = _sdpa(module, query.float(), key.float(), value.float(), attention_mask,
+                             kwargs)  # fmt: skip
+    return out.to(kernel_dtype), weights
+
+
+def _sdpa(module, query, key, value, attention_mask, kwargs) -> tuple[Tensor, Tensor | None]:
     if _native_gqa(module, query, attention_mask, kwargs):
         return _gqa_attention(query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _kernel_dtype(query: Tensor) -> torch.dtype:
+    """The dtype SDPA will compute in: autocast's where it is on (RoPE hands fp32 queries)."""
+    device = query.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
+
+
+# PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300:
+# up to ~256 keys it takes 1.5-5x the time of the fp32 kernel's forward + backward (measured on an
+# AMX Xeon, torch 2.13; its bf16 forward is fast). Training steps over that few keys therefore run
+# attention in fp32, which is also the more exact of the two.
+BF16_BACKWARD_MAX_KEYS = 256
+
+
+def _fp32_for_backward(
+    kernel_dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor
+) -> bool:
+    """True for bf16 attention on CPU over few keys whose backward will run."""
+    return (
+        query.device.type == "cpu"
+        and kernel_dtype == torch.bfloat16
+        and key.shape[2] <= BF16_BACKWARD_MAX_KEYS
+        and torch.is_grad_enabled()
+        and (query.requires_grad or key.requires_grad or value.requires_grad)
+    )
 
 
 def _native_gqa(module: torch.nn.Module, query: Tensor, mask: Tensor | None, kwargs: dict) -> bool:

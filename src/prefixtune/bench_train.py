@@ -4,12 +4,14 @@ E2E workload. Each function runs one configuration inside its own worker process
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from typing import Any
 
 import torch
 
 from .bench_common import (
+    DTYPES,
     autocast,
     build_model,
     build_ours,
@@ -20,6 +22,7 @@ from .bench_common import (
     synthetic_batch,
 )
 from .bench_flops import geometry, train_step_flops
+from .lowprec import frozen_weights_in
 from .objective import hidden_states, target_loss, target_positions
 
 LR = 5e-5  # the paper's (and TrainConfig's) learning rate
@@ -76,6 +79,11 @@ def _setup(spec: dict[str, Any], model, batch):
 
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     """One optimizer step (forward, backward, AdamW) on a fixed B x T batch, timed."""
+    with contextlib.ExitStack() as stack:
+        return _run_train(spec, stack)
+
+
+def _run_train(spec: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     model, _ = build_model(spec["model"], seed=spec.get("seed", 0))
     batch = synthetic_batch(model.config.vocab_size, spec["batch"], spec["seq"],
                             target_tail=spec.get("target_tail", 0), seed=spec.get("seed", 0))  # fmt: skip
@@ -89,6 +97,8 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         loss_fn = compiled(loss_fn, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     last = {}
+    if spec["impl"] == "ours":  # as Trainer.fit runs: frozen weights in the autocast dtype
+        stack.enter_context(frozen_weights_in(model, DTYPES[spec["dtype"]]))
 
     def step() -> None:
         with autocast(spec["dtype"]):
@@ -225,7 +235,9 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     build = _ours_passes if spec["impl"] == "ours" else _peft_passes
     with tempfile.TemporaryDirectory(prefix="prefixtune-bench-") as out:
         items, warm, one_pass, state, info = build(spec, model, tokenizer, examples, out)
-        result = measure(one_pass, spec["iters"], spec["warmup"], warm=warm)
+        ours = spec["impl"] == "ours"  # as Trainer.fit runs: frozen weights in the autocast dtype
+        with frozen_weights_in(model, DTYPES[spec["dtype"]] if ours else None):
+            result = measure(one_pass, spec["iters"], spec["warmup"], warm=warm)
     flops = _pass_flops(model, items, spec)
     return {
         **result,

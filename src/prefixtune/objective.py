@@ -68,7 +68,33 @@ def target_loss(
     """Cross-entropy over target tokens; the LM head runs on those positions only."""
     mask, targets = target_positions(model, labels)
     logits = lm_logits(model, hidden[mask])  # (N, V) for the N target tokens only
+    if reduction in ("mean", "sum") and not torch.compiler.is_compiling():
+        return _CrossEntropy.apply(logits.float(), targets, reduction == "mean")
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (N, V) fp32 logits that are used by nothing else: the loss is
+    logsumexp - logit[target]; backward turns the saved logits into the softmax in place and
+    subtracts 1 at the targets. F.cross_entropy writes a log-softmax, a zero-filled one-hot
+    gradient and a third (N, V) tensor instead: with a 49k-50k vocabulary that memory traffic is
+    ~10% of a bf16 training step; this does about half of it (same values to rounding)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, mean: bool) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        picked = logits.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, lse, targets)
+        ctx.scale = 1.0 / max(len(targets), 1) if mean else 1.0
+        losses = lse - picked
+        return losses.mean() if mean else losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, lse, targets = ctx.saved_tensors
+        softmax = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed again
+        softmax.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+        return softmax.mul_(grad * ctx.scale), None, None
 
 
 def count_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:

@@ -43,6 +43,7 @@ from .data import (
 )
 from .distributed import Distributed, from_env
 from .files import atomic_write_json
+from .lowprec import frozen_weights_in
 from .methods import Method, build_method
 from .models import (
     autocast_dtype,
@@ -335,7 +336,12 @@ class Trainer:
         return int(target_positions(self.model, batch["labels"])[1].numel())
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end; returns the run summary (also written to run.json)."""
+        """Train to the end; returns the run summary (also written to run.json). Under bf16
+        autocast the frozen linear weights are stored in bf16 meanwhile (lowprec)."""
+        with frozen_weights_in(self.model, self.amp):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._restore_or_refuse()
         if self.dist:  # every rank starts from rank 0's parameters, after every rank restored

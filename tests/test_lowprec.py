@@ -1,0 +1,102 @@
+"""bf16 training paths: frozen weights cast once give bit-identical steps, and short-key
+attention runs in fp32 only where a backward will follow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixtune import attention
+from prefixtune.config import PrefixConfig
+from prefixtune.lowprec import frozen_weights_in
+from prefixtune.prefix import build_encoder
+
+from conftest import BUILDERS, DECODER_ONLY, X
+
+BF16 = torch.bfloat16
+
+
+def prefixed_loss(model, encoder) -> torch.Tensor:
+    from prefixtune import prefixed_forward
+
+    with torch.autocast("cpu", dtype=BF16):
+        out = prefixed_forward(model, X, torch.ones_like(X), encoder()).logits
+    return out.float().logsumexp(-1).sum()
+
+
+@pytest.mark.parametrize("name", DECODER_ONLY)
+def test_frozen_weights_cast_once_give_the_same_loss_and_gradients(name):
+    model = BUILDERS[name]()
+    encoder = build_encoder(model, PrefixConfig(length=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for cast in (False, True):
+        encoder.zero_grad()
+        with frozen_weights_in(model, BF16 if cast else None) as count:
+            loss = prefixed_loss(model, encoder)
+            loss.backward()
+        assert (count > 0) == cast
+        results.append((loss.detach(), [p.grad.clone() for p in encoder.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)  # autocast rounds the weights to the very same bf16
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_only_frozen_untied_matmul_weights_are_cast_and_an_error_restores_them():
+    model = BUILDERS["llama"]()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.requires_grad_(False)
+    trainable = model.model.layers[1].mlp.down_proj.weight
+    trainable.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inside"), frozen_weights_in(model, BF16):
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == BF16
+        assert trainable.dtype == torch.float32
+        assert model.lm_head.weight.dtype == torch.float32  # tied to the input embeddings
+        assert model.model.norm.weight.dtype == torch.float32  # not a matmul weight
+        raise RuntimeError("inside")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_attention_over_few_keys_runs_in_fp32_only_for_training(monkeypatch):
+    model = BUILDERS["llama"]()
+    encoder = build_encoder(model, PrefixConfig(length=3))
+    decisions = []
+    choose = attention._fp32_for_backward
+    monkeypatch.setattr(
+        attention, "_fp32_for_backward", lambda *a: decisions.append(choose(*a)) or decisions[-1]
+    )
+    loss = prefixed_loss(model, encoder)
+    assert decisions and all(decisions)
+    decisions.clear()
+    with torch.no_grad():
+        prefixed_loss(model, encoder)
+    assert decisions and not any(decisions)  # nothing to differentiate: bf16 forward kernel
+    monkeypatch.setattr(attention, "BF16_BACKWARD_MAX_KEYS", 0)
+    decisions.clear()
+    reference = prefixed_loss(model, encoder)
+    assert decisions and not any(decisions)
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.0)
+
+
+def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer):
+    from prefixtune.config import TrainConfig
+    from prefixtune.data import builtin_examples
+    from prefixtune.train import train
+
+    from conftest import TOKENIZER_VOCAB, tiny_llama
+
+    model = tiny_llama(TOKENIZER_VOCAB)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(out=str(tmp_path / "run"), batch_size=4, lr=5e-2, max_steps=8,
+                         dev_size=0, progress=False, seed=3, autocast="bfloat16",
+                         max_source_tokens=48, max_target_tokens=24)  # fmt: skip
+    examples = builtin_examples("train")[:16]
+    summary = train(config, PrefixConfig(length=3, mlp_hidden=16), model=model,
+                    tokenizer=bpe_tokenizer, train_examples=examples, dev_examples=examples)  # fmt: skip
+    assert summary["autocast"] == "torch.bfloat16"
+    assert summary["best_dev_loss"] < summary["initial_dev_loss"]
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
