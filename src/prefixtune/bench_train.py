@@ -4,7 +4,6 @@ E2E workload. Each function runs one configuration inside its own worker process
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from typing import Any
 
@@ -79,11 +78,6 @@ def _setup(spec: dict[str, Any], model, batch):
 
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     """One optimizer step (forward, backward, AdamW) on a fixed B x T batch, timed."""
-    with contextlib.ExitStack() as stack:
-        return _run_train(spec, stack)
-
-
-def _run_train(spec: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, Any]:
     model, _ = build_model(spec["model"], seed=spec.get("seed", 0))
     batch = synthetic_batch(model.config.vocab_size, spec["batch"], spec["seq"],
                             target_tail=spec.get("target_tail", 0), seed=spec.get("seed", 0))  # fmt: skip
@@ -97,8 +91,6 @@ def _run_train(spec: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
         loss_fn = compiled(loss_fn, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     last = {}
-    if spec["impl"] == "ours":  # as Trainer.fit runs: frozen weights in the autocast dtype
-        stack.enter_context(frozen_weights_in(model, DTYPES[spec["dtype"]]))
 
     def step() -> None:
         with autocast(spec["dtype"]):
@@ -109,7 +101,9 @@ def _run_train(spec: dict[str, Any], stack: contextlib.ExitStack) -> dict[str, A
             optimizer.zero_grad(set_to_none=True)
         last["loss"] = float(loss.detach())
 
-    result = measure(step, spec["iters"], spec["warmup"])
+    ours = spec["impl"] == "ours"  # as Trainer.fit runs: frozen weights in the autocast dtype
+    with frozen_weights_in(model, DTYPES[spec["dtype"]] if ours else None):
+        result = measure(step, spec["iters"], spec["warmup"])
     tokens = int(batch["attention_mask"].sum())
     targets = int(target_positions(model, batch["labels"])[0].sum())
     impl = spec["impl"]
