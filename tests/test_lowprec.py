@@ -3,6 +3,8 @@ attention runs in fp32 only where a backward will follow."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -24,10 +26,15 @@ def prefixed_loss(model, encoder) -> torch.Tensor:
     return out.float().logsumexp(-1).sum()
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("name", DECODER_ONLY)
-def test_frozen_weights_cast_once_give_the_same_loss_and_gradients(name):
+def test_frozen_weights_cast_once_give_the_same_loss_and_gradients(name, checkpointing):
+    from prefixtune.models import enable_gradient_checkpointing
+
     model = BUILDERS[name]()
     encoder = build_encoder(model, PrefixConfig(length=3))
+    if checkpointing:  # the recomputation in backward sees the cast weights too
+        enable_gradient_checkpointing(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     results = []
     for cast in (False, True):
@@ -81,13 +88,22 @@ def test_bf16_attention_over_few_keys_runs_in_fp32_only_for_training(monkeypatch
     torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.0)
 
 
-def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer):
+def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer, monkeypatch):
+    from prefixtune import train as train_module
     from prefixtune.config import TrainConfig
     from prefixtune.data import builtin_examples
     from prefixtune.train import train
 
     from conftest import TOKENIZER_VOCAB, tiny_llama
 
+    counts = []
+
+    def spy(model, dtype):
+        with frozen_weights_in(model, dtype) as count:
+            counts.append(count)
+            yield count
+
+    monkeypatch.setattr(train_module, "frozen_weights_in", contextlib.contextmanager(spy))
     model = tiny_llama(TOKENIZER_VOCAB)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = TrainConfig(out=str(tmp_path / "run"), batch_size=4, lr=5e-2, max_steps=8,
@@ -97,6 +113,7 @@ def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokeniz
     summary = train(config, PrefixConfig(length=3, mlp_hidden=16), model=model,
                     tokenizer=bpe_tokenizer, train_examples=examples, dev_examples=examples)  # fmt: skip
     assert summary["autocast"] == "torch.bfloat16"
+    assert counts and counts[0] > 0  # the run trained with the frozen weights in bf16
     assert summary["best_dev_loss"] < summary["initial_dev_loss"]
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())

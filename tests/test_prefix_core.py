@@ -162,6 +162,26 @@ def test_gradient_checkpointing_gives_same_gradients(name):
         torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
 
 
+def test_gradient_checkpointing_keeps_bart_dropout_off():
+    """BART layers drop out with their own training flag, which checkpointing must set."""
+    from prefixtune.objective import hidden_states, target_loss
+
+    model = tiny_bart()
+    model.config.dropout = model.config.activation_dropout = 0.5
+    model = type(model)(model.config).eval()
+    encoder = build_encoder(model, PrefixConfig(length=3))
+    labels = torch.tensor([[5, 6, 7, 2]])
+    batch = {"input_ids": X, "attention_mask": torch.ones_like(X), "labels": labels}
+
+    def loss() -> torch.Tensor:
+        return target_loss(model, hidden_states(model, batch, encoder()), labels)
+
+    plain = loss()
+    enable_gradient_checkpointing(model)
+    checkpointed = [loss() for _ in range(3)]
+    assert all(torch.equal(plain, again) for again in checkpointed)
+
+
 def test_bf16_autocast_trains_the_prefix():
     model = tiny_llama()
     encoder = build_encoder(model, PrefixConfig(length=3))

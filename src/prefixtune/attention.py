@@ -170,8 +170,15 @@ def prefix_attention(
             )
             key = torch.cat([p_key.to(key.dtype), key], dim=2)  # (B, H_kv, P+S, D)
             value = torch.cat([p_value.to(value.dtype), value], dim=2)
+    return attend(module, query, key, value, attention_mask, kwargs)
+
+
+def attend(module, query, key, value, attention_mask, kwargs: dict,
+           max_fp32_keys: int | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """SDPA in the dtype that is fastest for this call (see BF16_BACKWARD_MAX_KEYS; None: that
+    limit) -> ((B, T, H, D) output, None)."""
     kernel_dtype = _kernel_dtype(query)
-    if not _fp32_for_backward(kernel_dtype, query, key, value):
+    if not _fp32_for_backward(kernel_dtype, query, key, value, max_fp32_keys):
         return _sdpa(module, query, key, value, attention_mask, kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
@@ -203,13 +210,14 @@ BF16_BACKWARD_MAX_KEYS = 256
 
 
 def _fp32_for_backward(
-    kernel_dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor
+    kernel_dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor, max_keys: int | None
 ) -> bool:
     """True for bf16 attention on CPU over few keys whose backward will run."""
+    limit = BF16_BACKWARD_MAX_KEYS if max_keys is None else max_keys
     return (
         query.device.type == "cpu"
         and kernel_dtype == torch.bfloat16
-        and key.shape[2] <= BF16_BACKWARD_MAX_KEYS
+        and key.shape[2] <= limit
         and torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad)
     )

@@ -5,7 +5,8 @@ Suites: train (tokens/s of forward + backward + AdamW step; prefix length 10 and
 reparameterisation on and off, vs full fine-tuning and the frozen forward+backward floor),
 generate (batched greedy decoding), multitenant (8 requests with 8 prefixes: one mixed batch vs
 PEFT switching adapters), long (4 x 1024 tokens, prefix 200, gradient checkpointing on/off), mfu
-(useful FLOPs over this CPU's measured matmul peak), real (E2E training batches). Every
+(useful FLOPs over this CPU's measured matmul peak), real (E2E training batches), kernels (the
+attention dtype and cross-entropy choices of the training step, against PyTorch's own). Every
 configuration runs in its own worker process (forked from a server that has only imported the
 libraries), timed as the median of --iters iterations after --warmup, with its peak resident
 memory; by default a second, untimed worker per config measures the peak again with exact
@@ -27,7 +28,7 @@ from .files import atomic_write_text
 
 __all__ = ["RESULT_MARK", "add_arguments", "build_plan", "resolve_dtypes", "run"]
 
-SUITES = ("train", "generate", "multitenant", "long", "mfu", "real")
+SUITES = ("train", "generate", "multitenant", "long", "mfu", "real", "kernels")
 BENCH_MODELS = ("gpt2-small-random", "smollm2", "smollm2-random", "tiny-gpt2", "tiny-llama")
 DEFAULT_MODELS = {
     "train": ["gpt2-small-random", "smollm2"],
@@ -40,6 +41,8 @@ FULL = {
     "generate": {"prompts": 8, "new_tokens": 32, "prefix_len": 10, "prompt_min": 16,
                  "prompt_max": 48},
     "real": {"examples": 64, "batch": 8, "prefix_len": 10},
+    "kernels": {"queries": (64, 128, 256, 512, 1024), "prefix_lens": (10, 200), "rows": 1024,
+                "vocab": 49152},
     "mlp_hidden": 512,
 }  # fmt: skip
 QUICK = {
@@ -48,6 +51,7 @@ QUICK = {
     "generate": {"prompts": 8, "new_tokens": 8, "prefix_len": 4, "prompt_min": 4,
                  "prompt_max": 12},
     "real": {"examples": 16, "batch": 4, "prefix_len": 4},
+    "kernels": {"queries": (16, 64), "prefix_lens": (4,), "rows": 64, "vocab": 512},
     "mlp_hidden": 16,
 }  # fmt: skip
 
@@ -177,6 +181,9 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
         return models or (["tiny-llama"] if quick else DEFAULT_MODELS.get(suite, ["smollm2"]))
 
     for suite in chosen:
+        if suite == "kernels":
+            plan.update(_kernel_specs(shapes["kernels"], base, "bf16" in dtypes))
+            continue
         for model in models_for(suite):
             if suite in ("train", "mfu"):
                 plan[f"check/{model}/equal-loss"] = {
@@ -189,6 +196,20 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
         if suite == "mfu":
             plan["mfu/peak"] = {"kind": "peak", "dtypes": ["fp32", "bf16"], "quick": quick}
     return list(plan.items())
+
+
+def _kernel_specs(shapes: dict, base: dict, bf16: bool) -> dict[str, dict[str, Any]]:
+    """Cross-entropy always; the bf16 attention sweep where bf16 runs (native, or asked for)."""
+    specs = {f"kernels/cross-entropy/{impl}": {**base, "kind": "cross_entropy", "impl": impl,
+                                               "rows": shapes["rows"], "vocab": shapes["vocab"]}
+             for impl in ("ours", "torch")}  # fmt: skip
+    for length in shapes["queries"] if bf16 else ():
+        for prefix in shapes["prefix_lens"]:
+            for impl in ("ours", "bf16-kernel"):
+                specs[f"kernels/attention/T{length}/P{prefix}/{impl}"] = {
+                    **base, "kind": "attention", "impl": impl, "queries": length,
+                    "prefix_len": prefix}  # fmt: skip
+    return specs
 
 
 def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict,
@@ -233,7 +254,7 @@ def _line(name: str, result: dict[str, Any]) -> str:
     parts = [name]
     if "median_s" in result:
         parts.append(f"{result['median_s']:.3f}s [{result['min_s']:.3f}-{result['max_s']:.3f}]")
-    for key in ("tokens_per_s", "new_tokens_per_s"):
+    for key in ("tokens_per_s", "new_tokens_per_s", "calls_per_s"):
         if key in result:
             parts.append(f"{result[key]:.0f} {key.replace('_per_s', '')}/s")
     if "peak_rss_mb" in result:

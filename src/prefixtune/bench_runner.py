@@ -42,6 +42,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         runner = {"train": bench_train.run_train, "real": bench_train.run_real,
                   "equal_loss": bench_train.run_equal_loss}[kind]  # fmt: skip
         return runner(spec)
+    if kind in ("attention", "cross_entropy"):
+        from . import bench_kernels
+
+        runner = {"attention": bench_kernels.run_attention,
+                  "cross_entropy": bench_kernels.run_cross_entropy}[kind]  # fmt: skip
+        return runner(spec)
     from . import bench_generate
 
     runner = {"generate": bench_generate.run_generate,

@@ -43,6 +43,13 @@ def _frozen_floor(model):
     embeddings.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_())
 
 
+def _as_trainer_casts(spec: dict[str, Any], model):
+    """Frozen weights in the autocast dtype, as Trainer.fit keeps them: for prefixtune and for
+    the frozen floor (a naive frozen step could cast them just as well); PEFT runs as it comes."""
+    frozen = spec["impl"] in ("ours", "frozen")
+    return frozen_weights_in(model, DTYPES[spec["dtype"]] if frozen else None)
+
+
 def _setup(spec: dict[str, Any], model, batch):
     """(loss function, trainable parameters) for one implementation; raises ValueError when the
     implementation refuses the configuration (PEFT prefix tuning + gradient checkpointing)."""
@@ -101,8 +108,7 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
         last["loss"] = float(loss.detach())
 
-    ours = spec["impl"] == "ours"  # as Trainer.fit runs: frozen weights in the autocast dtype
-    with frozen_weights_in(model, DTYPES[spec["dtype"]] if ours else None):
+    with _as_trainer_casts(spec, model):
         result = measure(step, spec["iters"], spec["warmup"])
     tokens = int(batch["attention_mask"].sum())
     targets = int(target_positions(model, batch["labels"])[0].sum())
@@ -229,8 +235,7 @@ def run_real(spec: dict[str, Any]) -> dict[str, Any]:
     build = _ours_passes if spec["impl"] == "ours" else _peft_passes
     with tempfile.TemporaryDirectory(prefix="prefixtune-bench-") as out:
         items, warm, one_pass, state, info = build(spec, model, tokenizer, examples, out)
-        ours = spec["impl"] == "ours"  # as Trainer.fit runs: frozen weights in the autocast dtype
-        with frozen_weights_in(model, DTYPES[spec["dtype"]] if ours else None):
+        with _as_trainer_casts(spec, model):
             result = measure(one_pass, spec["iters"], spec["warmup"], warm=warm)
     flops = _pass_flops(model, items, spec)
     return {

@@ -7,6 +7,10 @@ same way), and each step saves a full read and write of the model's matmul weigh
 SmolLM2 bf16 step on an AMX CPU). Only weights autocast would cast anyway are touched: the
 linear layers' (nn.Linear, GPT-2's Conv1D) weights and biases, never trainable ones, never a
 weight tied to the input embeddings (the embedding lookup must keep its fp32 output).
+
+Memory: the fp32 weights stay (they come back afterwards), beside bf16 copies of 2 bytes per
+parameter, which plain autocast also holds at the step's peak: each cast weight is saved for the
+backward, so by the end of the forward every layer's copy is alive at once.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _frozen_matmul_params(model: PreTrainedModel) -> list[torch.nn.Parameter]:
     tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     found: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
-        if not isinstance(module, torch.nn.Linear | Conv1D):
+        if type(module) not in (torch.nn.Linear, Conv1D):  # subclasses may use weights otherwise
             continue
         for param in (module.weight, module.bias):
             if param is None or param.requires_grad or id(param) in tied:

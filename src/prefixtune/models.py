@@ -182,6 +182,8 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
     transformers checkpoints a layer only while `layer.training` is set, so that flag is set on
     the checkpointing layers alone (not recursively): their dropout modules stay in eval mode.
+    Layers that apply functional dropout with their own flag (BART's `F.dropout(p=self.dropout,
+    training=self.training)`) get those probabilities set to 0.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -190,6 +192,9 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
+            for name, value in vars(module).items():
+                if "dropout" in name and isinstance(value, float):
+                    setattr(module, name, 0.0)
 
 
 def compiled(loss_fn: Callable[..., Tensor], device: torch.device) -> Callable[..., Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 
 from .attention import PrefixKV, position_ids_for
@@ -96,6 +97,7 @@ class _CrossEntropy(torch.autograd.Function):
         return losses.mean() if mean else losses.sum()
 
     @staticmethod
+    @once_differentiable  # the gradient overwrites the logits: no double backward
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, lse, targets = ctx.saved_tensors
         scale = grad * ctx.scale

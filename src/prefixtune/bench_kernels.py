@@ -1,0 +1,70 @@
+"""Kernel workers of `prefixtune bench --suite kernels`: the measurements behind two choices of
+the training step, so they can be re-checked on any machine.
+
+- attention: forward + backward of bf16 attention (SmolLM2's 9 query / 3 key-value heads of 64,
+  a causal mask after P prefix positions, B x T = 1,024 queries) as prefixtune runs it
+  (`attention.attend`: fp32 up to BF16_BACKWARD_MAX_KEYS keys) against PyTorch's bf16 kernel;
+- cross-entropy: value + gradient over 1,024 x 49,152 fp32 logits, prefixtune's chunked
+  in-place loss (objective._CrossEntropy) against F.cross_entropy.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .bench_common import measure
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
+QUERIES = 1024
+
+
+def run_attention(spec: dict[str, Any]) -> dict[str, Any]:
+    """(B, H, T, D) bf16 queries over P + T keys under bf16 autocast, forward and backward."""
+    from .attention import attend
+
+    length, prefix = spec["queries"], spec["prefix_len"]
+    rows, keys = max(1, QUERIES // length), prefix + length
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(heads: int, positions: int) -> torch.Tensor:
+        values = torch.randn(rows, heads, positions, HEAD_DIM, generator=generator)
+        return values.to(torch.bfloat16).requires_grad_()
+
+    query, key, value = tensor(HEADS, length), tensor(KV_HEADS, keys), tensor(KV_HEADS, keys)
+    mask = torch.ones(length, keys, dtype=torch.bool).tril(prefix)[None, None]
+    mask = mask.expand(rows, 1, length, keys)  # (B, 1, T, P+T): every prefix column visible
+    module = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=False)
+    limit = None if spec["impl"] == "ours" else 0  # 0: never fp32, PyTorch's bf16 kernel
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attend(module, query, key, value, mask, {}, max_fp32_keys=limit)
+        out.float().sum().backward()
+
+    result = measure(step, spec["iters"], spec["warmup"])
+    return {**result, "rows": rows, "keys": keys, "calls_per_s": 1.0 / result["median_s"]}
+
+
+def run_cross_entropy(spec: dict[str, Any]) -> dict[str, Any]:
+    """Loss and gradient of (N, V) logits produced by a frozen matmul-like op."""
+    from .objective import _CrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(spec["rows"], spec["vocab"], generator=generator).requires_grad_()
+    targets = torch.randint(0, spec["vocab"], (spec["rows"],), generator=generator)
+
+    def step() -> None:
+        logits = source * 1.0  # an intermediate, as the LM head's output is
+        if spec["impl"] == "ours":
+            loss = _CrossEntropy.apply(logits, targets, True)
+        else:
+            loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        source.grad = None
+
+    result = measure(step, spec["iters"], spec["warmup"])
+    return {**result, "calls_per_s": 1.0 / result["median_s"]}
