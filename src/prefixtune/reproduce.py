@@ -98,6 +98,32 @@ def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, p
     plt.close(fig)
 
 
+# Method tables whose metrics are plotted side by side per method (one bar each).
+GROUPED_PLOTS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all"),
+                 "xsum": METRICS["xsum"], "xsum-sports": METRICS["xsum"]}  # fmt: skip
+
+
+def grouped_bars(table: list[dict[str, Any]], x: str, metrics: tuple[str, ...], path: Path) -> None:
+    """Bars of several metrics next to each other for every value of `x` (e.g. per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(table))]
+        ax.bar(xs, [r.get(metric, float("nan")) for r in table], width, label=metric)
+    ax.set_xticks(range(len(table)), [str(r[x]) for r in table], rotation=30)
+    ax.set_xlabel(x)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str,
            planned: int | None = None) -> str:  # fmt: skip
     """Write results.csv, results.md and the plot; returns the markdown.
@@ -124,7 +150,10 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
         body, note = markdown_table(table, columns), SEEDS_NOTE
     text = f"{head}{body}\n{note}\n"
     atomic_write_text(out / "results.md", text)
-    plot(table, x, series, metrics[0], out / f"{name}.png")
+    if name in GROUPED_PLOTS:
+        grouped_bars(table, x, GROUPED_PLOTS[name], out / f"{name}.png")
+    else:
+        plot(table, x, series, metrics[0], out / f"{name}.png")
     return text
 
 
