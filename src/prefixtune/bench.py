@@ -122,6 +122,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="run only configs whose name contains one of these strings",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan this many times, config after config, and pool each config's "
+        "timed iterations: a machine whose speed drifts then slows every config alike",
+    )
+    parser.add_argument(
+        "--from-json",
+        default="",
+        help="measure nothing: recompute the targets, comparisons and markdown from the "
+        "results in this bench JSON (e.g. after the report logic changed), written to --out",
+    )
     parser.add_argument("--out", default="bench.json", help="JSON output; a .md summary beside it")  # fmt: skip
 
 
@@ -274,13 +287,52 @@ def _line(name: str, result: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+RATE_KEYS = ("tokens_per_s", "new_tokens_per_s", "calls_per_s")
+
+
+def pool_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One config's result over two rounds: timed iterations pooled, rates at the new median,
+    the higher memory peaks."""
+    from .bench_common import rates, summarise
+
+    if "median_s" not in first or "median_s" not in later:
+        return first if "error" in later else later
+    pooled = {**first, **summarise(first["times_s"] + later["times_s"])}
+    for key in RATE_KEYS:
+        if key in first:  # units per iteration: the same every round
+            pooled.update(rates(pooled, first[key] * first["median_s"], key))
+    for key in ("peak_rss_mb", "step_extra_mb", "live_peak_mb", "live_step_extra_mb"):
+        if key in first and key in later:
+            pooled[key] = max(first[key], later[key])
+    pooled["rounds"] = first.get("rounds", 1) + 1
+    return pooled
+
+
+def _write_report(meta: dict[str, Any], results: dict[str, Any], out: Path) -> None:
+    from .bench_report import markdown, summarise_results
+
+    report = {"meta": meta, "results": results, **summarise_results(results, meta)}
+    atomic_write_text(out, json.dumps(report, indent=1, default=str) + "\n")
+    text = markdown(report)
+    atomic_write_text(out.with_suffix(".md"), text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
 def run(args: argparse.Namespace) -> int:
     from .bench_common import environment
-    from .bench_report import markdown, summarise_results
     from .config import ConfigError
 
-    if args.iters < 1 or args.warmup < 0:
-        raise ConfigError("--iters must be >= 1 and --warmup >= 0")
+    if args.from_json:
+        try:
+            earlier = json.loads(Path(args.from_json).read_text())
+            meta, results = earlier["meta"], earlier["results"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"--from-json {args.from_json}: not a bench JSON ({err})") from err
+        _write_report({**meta, "rerendered_from": args.from_json}, results, Path(args.out))
+        return 0
+    if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
+        raise ConfigError("--iters and --rounds must be >= 1 and --warmup >= 0")
     dtypes, note = resolve_dtypes(args.dtypes)
     plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup,
                       args.compile)  # fmt: skip
@@ -295,23 +347,21 @@ def run(args: argparse.Namespace) -> int:
     meta = {**environment(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "quick": args.quick, "iters": args.iters, "warmup": args.warmup,
             "isolation": args.isolation, "dtypes": dtypes, "dtype_note": note,
-            "memory_pass": args.memory_pass,
+            "memory_pass": args.memory_pass, "rounds": args.rounds,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     results: dict[str, Any] = {}
-    for i, (name, spec) in enumerate(plan, start=1):
-        result = runner(spec)
-        if args.memory_pass and "median_s" in result and spec["kind"] in TIMED:
-            result.update(memory_pass(runner, spec))
-        results[name] = {"spec": spec, **result}
-        print(f"[{i}/{len(plan)}] {_line(name, result)}", flush=True)
+    for round_no in range(1, args.rounds + 1):
+        for i, (name, spec) in enumerate(plan, start=1):
+            result = runner(spec)
+            if args.memory_pass and "median_s" in result and spec["kind"] in TIMED:
+                result.update(memory_pass(runner, spec))
+            if name in results:
+                result = pool_rounds(results[name], result)
+            results[name] = {"spec": spec, **result}
+            label = f"[{i}/{len(plan)}]" + (f" round {round_no}" if args.rounds > 1 else "")
+            print(f"{label} {_line(name, result)}", flush=True)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    report = {"meta": meta, "results": results, **summarise_results(results, meta)}
-    out = Path(args.out)
-    atomic_write_text(out, json.dumps(report, indent=1, default=str) + "\n")
-    text = markdown(report)
-    atomic_write_text(out.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    _write_report(meta, results, Path(args.out))
     failed = [n for n, r in results.items() if "error" in r]
     return 1 if failed else 0
 

@@ -119,7 +119,10 @@ def _target(key: str, pairs: list[dict], threshold: float, memory: bool = False,
     done = [p for p in pairs if p.get("ratio") is not None]
     if not done:
         return {"target": TARGETS[key], "measured": "not run", "met": None}
-    differ = [p for p in done if p.get("same_tokens") is False]
+    # Equal greedy tokens prove both sides decode the same thing, in fp32. In bf16 both drift
+    # from their own fp32 tokens after a few steps (a top-2 gap under bf16's resolution flips
+    # the argmax), so bf16 pairs lean on the fp32 pair of the same run.
+    differ = [p for p in done if p.get("same_tokens") is False and "/bf16/" not in p["key"]]
     if differ:  # decoding that is not the same computation is no comparison
         rows = ", ".join(f"{p['same_tokens_rows']} ({p['key']})" for p in differ)
         text = f"not comparable: greedy tokens equal in only {rows} rows"
@@ -232,7 +235,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{meta['cpu']} ({meta['cpu_capability']}, native bf16: {meta['native_bf16']}), "
         f"{meta['threads']} threads; torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"peft {meta['peft']}; median of {meta['iters']} after {meta['warmup']} warm-up.",
+        f"peft {meta['peft']}; median of {meta['iters']} after {meta['warmup']} warm-up"
+        + (f", pooled over {meta['rounds']} rounds of the whole plan." if meta.get("rounds", 1) > 1
+           else "."),  # fmt: skip
         "",
     ]
     if meta.get("iters", 0) < 5:
