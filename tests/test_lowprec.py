@@ -82,6 +82,7 @@ def test_bf16_attention_over_few_keys_runs_in_fp32_only_for_training(monkeypatch
         prefixed_loss(model, encoder)
     assert decisions and not any(decisions)  # nothing to differentiate: bf16 forward kernel
     monkeypatch.setattr(attention, "BF16_BACKWARD_MAX_KEYS", 0)
+    monkeypatch.setattr(attention, "SHORT_QUERIES_MAX_KEYS", 0)
     decisions.clear()
     reference = prefixed_loss(model, encoder)
     assert decisions and not any(decisions)
@@ -117,3 +118,14 @@ def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokeniz
     assert summary["best_dev_loss"] < summary["initial_dev_loss"]
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(("queries", "keys", "fp32"), [(128, 138, True), (128, 328, True),
+                                                       (128, 400, False), (256, 256, True),
+                                                       (256, 328, False), (1, 100, True)])  # fmt: skip
+def test_fp32_attention_limits_follow_the_measured_crossover(queries, keys, fp32):
+    query = torch.zeros(1, 1, queries, 4, requires_grad=True)
+    key = value = torch.zeros(1, 1, keys, 4)
+    assert attention._fp32_for_backward(BF16, query, key, value, None) is fp32
+    assert not attention._fp32_for_backward(torch.float32, query, key, value, None)
+    assert not attention._fp32_for_backward(BF16, query, key, value, 0)

@@ -175,8 +175,8 @@ def prefix_attention(
 
 def attend(module, query, key, value, attention_mask, kwargs: dict,
            max_fp32_keys: int | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """SDPA in the dtype that is fastest for this call (see BF16_BACKWARD_MAX_KEYS; None: that
-    limit) -> ((B, T, H, D) output, None)."""
+    """SDPA in the dtype that is fastest for this call (max_fp32_keys: most keys computed in fp32
+    under bf16; None: the measured limits below) -> ((B, T, H, D) output, None)."""
     kernel_dtype = _kernel_dtype(query)
     if not _fp32_for_backward(kernel_dtype, query, key, value, max_fp32_keys):
         return _sdpa(module, query, key, value, attention_mask, kwargs)
@@ -202,22 +202,27 @@ def _kernel_dtype(query: Tensor) -> torch.dtype:
     return query.dtype
 
 
-# PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300:
-# up to ~256 keys it takes 1.5-5x the time of the fp32 kernel's forward + backward (measured on an
-# AMX Xeon, torch 2.13; its bf16 forward is fast). Training steps over that few keys therefore run
-# attention in fp32, which is also the more exact of the two.
+# PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300, so
+# over few keys it is slower than the fp32 kernel's forward + backward: 1.5-5x at up to ~256 keys,
+# and for up to 128 queries per row still 1.3-1.6x at 288-328 keys; from ~360 keys (~300 with 256
+# queries) bf16 is as fast or faster. Measured on an AMX Xeon with torch 2.13 (`prefixtune bench
+# --suite kernels`, docs/PERFORMANCE.md); the bf16 forward alone is fast. Training steps within
+# these limits therefore run attention in fp32, which is also the more exact of the two.
 BF16_BACKWARD_MAX_KEYS = 256
+SHORT_QUERIES, SHORT_QUERIES_MAX_KEYS = 128, 352
 
 
 def _fp32_for_backward(
     kernel_dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor, max_keys: int | None
 ) -> bool:
     """True for bf16 attention on CPU over few keys whose backward will run."""
-    limit = BF16_BACKWARD_MAX_KEYS if max_keys is None else max_keys
+    if max_keys is None:
+        short = query.shape[2] <= SHORT_QUERIES
+        max_keys = max(BF16_BACKWARD_MAX_KEYS, SHORT_QUERIES_MAX_KEYS if short else 0)
     return (
         query.device.type == "cpu"
         and kernel_dtype == torch.bfloat16
-        and key.shape[2] <= limit
+        and key.shape[2] <= max_keys
         and torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad)
     )

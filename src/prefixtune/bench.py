@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench_report import COMPILED
+from .bench_report import COMPILED, RATE_KEYS
 from .bench_runner import RESULT_MARK, TIMED, Runner, memory_pass, worker_main
 from .files import atomic_write_text
 
@@ -267,7 +267,7 @@ def _line(name: str, result: dict[str, Any]) -> str:
     parts = [name]
     if "median_s" in result:
         parts.append(f"{result['median_s']:.3f}s [{result['min_s']:.3f}-{result['max_s']:.3f}]")
-    for key in ("tokens_per_s", "new_tokens_per_s", "calls_per_s"):
+    for key in RATE_KEYS:
         if key in result:
             parts.append(f"{result[key]:.0f} {key.replace('_per_s', '')}/s")
     if "peak_rss_mb" in result:
@@ -285,9 +285,6 @@ def _line(name: str, result: dict[str, Any]) -> str:
     if "abs_diff" in result:
         parts.append(f"|loss diff| {result['abs_diff']:.2e}")
     return "  ".join(parts)
-
-
-RATE_KEYS = ("tokens_per_s", "new_tokens_per_s", "calls_per_s")
 
 
 def pool_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:

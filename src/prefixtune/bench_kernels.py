@@ -3,7 +3,7 @@ the training step, so they can be re-checked on any machine.
 
 - attention: forward + backward of bf16 attention (SmolLM2's 9 query / 3 key-value heads of 64,
   a causal mask after P prefix positions, B x T = 1,024 queries) as prefixtune runs it
-  (`attention.attend`: fp32 up to BF16_BACKWARD_MAX_KEYS keys) against PyTorch's bf16 kernel;
+  (`attention.attend`: fp32 within its measured key limits) against PyTorch's bf16 kernel;
 - cross-entropy: value + gradient over 1,024 x 49,152 fp32 logits, prefixtune's chunked
   in-place loss (objective._CrossEntropy) against F.cross_entropy.
 """

@@ -22,8 +22,11 @@ def _ok(result: dict[str, Any] | None) -> bool:
     return bool(result) and "error" not in result and "refused" not in result
 
 
+RATE_KEYS = ("tokens_per_s", "new_tokens_per_s", "calls_per_s")  # what a config's rate is in
+
+
 def _rate(result: dict[str, Any]) -> float | None:
-    for key in ("tokens_per_s", "new_tokens_per_s", "calls_per_s"):
+    for key in RATE_KEYS:
         if key in result:
             return result[key]
     return None
@@ -37,8 +40,8 @@ def _peak(result: dict[str, Any]) -> float | None:
 def _pair(suite: str, key: str, ours: dict, theirs: dict, reference: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"suite": suite, "key": key, "reference": reference}
     if not (_ok(ours) and _ok(theirs)):
-        entry["missing"] = [r.get("error") or r.get("refused") for r in (ours, theirs)
-                            if not _ok(r)] or ["not run"]  # fmt: skip
+        entry["missing"] = [r.get("error") or r.get("refused") or "not run"
+                            for r in (ours, theirs) if not _ok(r)]  # fmt: skip
         return entry
     a, b = _rate(ours), _rate(theirs)
     entry.update(ours_rate=a, reference_rate=b, ratio=a / b if a and b else None,
@@ -236,8 +239,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"{meta['cpu']} ({meta['cpu_capability']}, native bf16: {meta['native_bf16']}), "
         f"{meta['threads']} threads; torch {meta['torch']}, transformers {meta['transformers']}, "
         f"peft {meta['peft']}; median of {meta['iters']} after {meta['warmup']} warm-up"
-        + (f", pooled over {meta['rounds']} rounds of the whole plan." if meta.get("rounds", 1) > 1
-           else "."),  # fmt: skip
+        + (
+            f", pooled over {meta['rounds']} rounds of the whole plan."
+            if meta.get("rounds", 1) > 1
+            else "."
+        ),  # fmt: skip
         "",
     ]
     if meta.get("iters", 0) < 5:
