@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .bench_common import measure
+from .bench_common import measure, rates
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 QUERIES = 1024
@@ -46,7 +46,7 @@ def run_attention(spec: dict[str, Any]) -> dict[str, Any]:
         out.float().sum().backward()
 
     result = measure(step, spec["iters"], spec["warmup"])
-    return {**result, "rows": rows, "keys": keys, "calls_per_s": 1.0 / result["median_s"]}
+    return {**result, **rates(result, 1, "calls_per_s"), "rows": rows, "keys": keys}
 
 
 def run_cross_entropy(spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,4 +67,4 @@ def run_cross_entropy(spec: dict[str, Any]) -> dict[str, Any]:
         source.grad = None
 
     result = measure(step, spec["iters"], spec["warmup"])
-    return {**result, "calls_per_s": 1.0 / result["median_s"]}
+    return {**result, **rates(result, 1, "calls_per_s")}

@@ -4,9 +4,10 @@ Autocast casts every fp32 weight to bf16 at every forward op, because casts are 
 weights that require a gradient. A frozen base model's weights never change, so prefix-tuning can
 cast them once: the matmuls see bit-identical bf16 operands (autocast would have rounded them the
 same way), and each step saves a full read and write of the model's matmul weights (measured:
-~9% of a SmolLM2 bf16 step on an AMX CPU, 0.5 s of casts in a 5 s profiled step). Only weights autocast would cast anyway are touched: the
-linear layers' (nn.Linear, GPT-2's Conv1D) weights and biases, never trainable ones, never a
-weight tied to the input embeddings (the embedding lookup must keep its fp32 output).
+~9% of a SmolLM2 bf16 step on an AMX CPU, 0.5 s of casts in a 5 s profiled step). Only weights
+autocast would cast anyway are touched: the linear layers' (nn.Linear, GPT-2's Conv1D) weights
+and biases, never trainable ones, never a weight tied to the input embeddings (the embedding
+lookup must keep its fp32 output).
 
 Memory: the fp32 weights stay (they come back afterwards), beside bf16 copies of 2 bytes per
 parameter, which plain autocast also holds at the step's peak: each cast weight is saved for the

@@ -69,12 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, path: Path) -> None:
     """A line plot (numeric x) or bar chart of `metric` with standard-deviation error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _figure((5, 3.5))
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in table:
         groups.setdefault(row.get(series) if series else metric, []).append(row)
@@ -92,6 +87,22 @@ def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, p
     ax.set_ylabel(metric)
     if series:
         ax.legend()
+    _save(fig, path)
+
+
+def _figure(size: tuple[float, float]):
+    """(figure, axes) drawn off-screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -105,12 +116,7 @@ GROUPED_PLOTS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all"),
 
 def grouped_bars(table: list[dict[str, Any]], x: str, metrics: tuple[str, ...], path: Path) -> None:
     """Bars of several metrics next to each other for every value of `x` (e.g. per method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = _figure((6.5, 3.5))
     width = 0.8 / len(metrics)
     for i, metric in enumerate(metrics):
         xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(table))]
@@ -118,10 +124,7 @@ def grouped_bars(table: list[dict[str, Any]], x: str, metrics: tuple[str, ...], 
     ax.set_xticks(range(len(table)), [str(r[x]) for r in table], rotation=30)
     ax.set_xlabel(x)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str,
