@@ -274,12 +274,14 @@ def test_bf16_training_is_compared_with_our_own_fp32(native):
     assert row["measured"].startswith("2.00x") and ("not applicable" in row["measured"]) != native
 
 
-def test_kernel_suite_sweeps_attention_only_where_bf16_runs():
+def test_kernel_suite_sweeps_attention_in_each_dtype_that_runs():
     fp32_only = dict(bench.build_plan(["kernels"], None, ["fp32"], False, 5, 1))
-    assert set(fp32_only) == {"kernels/cross-entropy/ours", "kernels/cross-entropy/torch"}
+    assert {s.get("dtype") for s in fp32_only.values() if s["kind"] == "attention"} == {"fp32"}
     both = dict(bench.build_plan(["kernels"], None, ["fp32", "bf16"], False, 5, 1))
-    sweep = {(s["queries"], s["prefix_len"]) for s in both.values() if s["kind"] == "attention"}
-    assert sweep == {(t, p) for t in (64, 128, 256, 512, 1024) for p in (10, 200)}
+    sweep = {(s["dtype"], s["queries"], s["prefix_len"], s["impl"]) for s in both.values()
+             if s["kind"] == "attention"}  # fmt: skip
+    assert sweep == {(d, t, p, i) for d in ("fp32", "bf16") for t in (64, 128, 256, 512, 1024)
+                     for p in (10, 200) for i in ("ours", "sdpa", "math")}  # fmt: skip
     assert both["kernels/cross-entropy/ours"]["vocab"] == 49152
 
 

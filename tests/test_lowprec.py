@@ -1,5 +1,5 @@
 """bf16 training paths: frozen weights cast once give bit-identical steps, and short-key
-attention runs in fp32 only where a backward will follow."""
+attention is math attention within its measured limits."""
 
 from __future__ import annotations
 
@@ -67,25 +67,18 @@ def test_only_frozen_untied_matmul_weights_are_cast_and_an_error_restores_them()
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bf16_attention_over_few_keys_runs_in_fp32_only_for_training(monkeypatch):
+def test_bf16_training_attention_over_few_keys_is_math_attention(monkeypatch):
     model = BUILDERS["llama"]()
     encoder = build_encoder(model, PrefixConfig(length=3))
-    decisions = []
-    choose = attention._fp32_for_backward
-    monkeypatch.setattr(
-        attention, "_fp32_for_backward", lambda *a: decisions.append(choose(*a)) or decisions[-1]
-    )
+    kernels = []
+    choose = attention._fastest_kernel
+    monkeypatch.setattr(attention, "_fastest_kernel", lambda *a: kernels.append(choose(*a)) or kernels[-1])  # fmt: skip
     loss = prefixed_loss(model, encoder)
-    assert decisions and all(decisions)
-    decisions.clear()
-    with torch.no_grad():
-        prefixed_loss(model, encoder)
-    assert decisions and not any(decisions)  # nothing to differentiate: bf16 forward kernel
-    monkeypatch.setattr(attention, "BF16_BACKWARD_MAX_KEYS", 0)
-    monkeypatch.setattr(attention, "SHORT_QUERIES_MAX_KEYS", 0)
-    decisions.clear()
+    assert kernels and set(kernels) == {"math"}
+    monkeypatch.setattr(attention, "MATH_MAX_KEYS", {})  # PyTorch's bf16 SDPA kernel instead
+    kernels.clear()
     reference = prefixed_loss(model, encoder)
-    assert decisions and not any(decisions)
+    assert kernels and set(kernels) == {"sdpa"}
     torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.0)
 
 
@@ -120,12 +113,11 @@ def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokeniz
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize(("queries", "keys", "fp32"), [(128, 138, True), (128, 328, True),
-                                                       (128, 400, False), (256, 256, True),
-                                                       (256, 328, False), (1, 100, True)])  # fmt: skip
-def test_fp32_attention_limits_follow_the_measured_crossover(queries, keys, fp32):
-    query = torch.zeros(1, 1, queries, 4, requires_grad=True)
-    key = value = torch.zeros(1, 1, keys, 4)
-    assert attention._fp32_for_backward(BF16, query, key, value, None) is fp32
-    assert not attention._fp32_for_backward(torch.float32, query, key, value, None)
-    assert not attention._fp32_for_backward(BF16, query, key, value, 0)
+@pytest.mark.parametrize(("dtype", "keys", "kernel"), [(BF16, 138, "math"), (BF16, 352, "math"),
+                                                       (BF16, 400, "sdpa"), (None, 74, "sdpa"),
+                                                       (None, 328, "sdpa")])  # fmt: skip
+def test_math_attention_limits_follow_the_measured_crossover(dtype, keys, kernel):
+    query = torch.zeros(1, 1, 128, 4)
+    key = torch.zeros(1, 1, keys, 4)
+    with torch.autocast("cpu", dtype=dtype or BF16, enabled=dtype is not None):
+        assert attention._fastest_kernel(query, key) == kernel

@@ -19,6 +19,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .math_attention import math_attention
+
 ATTN_NAME = "prefixtune"
 SITE_ATTR = "_prefixtune_site"
 
@@ -174,18 +176,19 @@ def prefix_attention(
 
 
 def attend(module, query, key, value, attention_mask, kwargs: dict,
-           max_fp32_keys: int | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """SDPA in the dtype that is fastest for this call (max_fp32_keys: most keys computed in fp32
-    under bf16; None: the measured limits below) -> ((B, T, H, D) output, None)."""
-    kernel_dtype = _kernel_dtype(query)
-    if not _fp32_for_backward(kernel_dtype, query, key, value, max_fp32_keys):
+           kernel: str | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Attention by the kernel that is fastest for this call -> ((B, T, H, D) output, None).
+
+    kernel: "math" (`math_attention`, where it applies) or "sdpa" (PyTorch's SDPA kernels);
+    None chooses by the measured limits below."""
+    kernel = kernel or _fastest_kernel(query, key)
+    if kernel == "sdpa" or not _math_applies(module, query, key, value, attention_mask, kwargs):
         return _sdpa(module, query, key, value, attention_mask, kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    with torch.autocast("cpu", enabled=False):
-        out, weights = _sdpa(module, query.float(), key.float(), value.float(), attention_mask,
-                             kwargs)  # fmt: skip
-    return out.to(kernel_dtype), weights
+    kernel_dtype = _kernel_dtype(query)
+    query, key, value = (t.to(kernel_dtype) for t in (query, key, value))
+    with torch.autocast(query.device.type, enabled=False):
+        out = math_attention(query, key, value, attention_mask, kwargs.get("scaling"))
+    return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 
 def _sdpa(module, query, key, value, attention_mask, kwargs) -> tuple[Tensor, Tensor | None]:
@@ -195,37 +198,49 @@ def _sdpa(module, query, key, value, attention_mask, kwargs) -> tuple[Tensor, Te
 
 
 def _kernel_dtype(query: Tensor) -> torch.dtype:
-    """The dtype SDPA will compute in: autocast's where it is on (RoPE hands fp32 queries)."""
+    """The dtype attention will compute in: autocast's where it is on (RoPE hands fp32 queries)."""
     device = query.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return query.dtype
 
 
-# PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300, so
-# over few keys it is slower than the fp32 kernel's forward + backward: 1.5-5x at up to ~256 keys,
-# and for up to 128 queries per row still 1.3-1.6x at 288-328 keys; from ~360 keys (~300 with 256
-# queries) bf16 is as fast or faster. Measured on an AMX Xeon with torch 2.13 (`prefixtune bench
-# --suite kernels`, docs/PERFORMANCE.md); the bf16 forward alone is fast. Training steps within
-# these limits therefore run attention in fp32, which is also the more exact of the two.
-BF16_BACKWARD_MAX_KEYS = 256
-SHORT_QUERIES, SHORT_QUERIES_MAX_KEYS = 128, 352
+# PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300 (it
+# took 26% of a SmolLM2 training step for 5% of its FLOPs), so over few keys a bf16 training step
+# runs attention as two bf16 matmuls around an fp32 softmax (`math_attention`) instead: forward +
+# backward 1.1-3.1x PyTorch's bf16 kernel at up to 328 keys for B x T = 1,024 queries, as fast
+# at 266 keys, slower from ~450 (one thread, AMX Xeon, torch 2.13; `prefixtune bench --suite
+# kernels` re-measures it, docs/PERFORMANCE.md). In fp32 PyTorch's kernel is as fast or faster
+# at every length measured, so fp32 keeps it.
+MATH_MAX_KEYS = {torch.bfloat16: 352}
 
 
-def _fp32_for_backward(
-    kernel_dtype: torch.dtype, query: Tensor, key: Tensor, value: Tensor, max_keys: int | None
-) -> bool:
-    """True for bf16 attention on CPU over few keys whose backward will run."""
-    if max_keys is None:
-        short = query.shape[2] <= SHORT_QUERIES
-        max_keys = max(BF16_BACKWARD_MAX_KEYS, SHORT_QUERIES_MAX_KEYS if short else 0)
+def _fastest_kernel(query: Tensor, key: Tensor) -> str:
+    """ "math" within its measured key limit for the dtype attention computes in, else "sdpa"."""
+    return "math" if key.shape[2] <= MATH_MAX_KEYS.get(_kernel_dtype(query), 0) else "sdpa"
+
+
+def _math_applies(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                  kwargs: dict) -> bool:  # fmt: skip
+    """True for a CPU training call that `math_attention` computes exactly as SDPA would: a
+    materialised mask or none needed (no implicit causal flag), no dropout, no option only
+    SDPA handles."""
     return (
         query.device.type == "cpu"
-        and kernel_dtype == torch.bfloat16
-        and key.shape[2] <= max_keys
         and torch.is_grad_enabled()
         and (query.requires_grad or key.requires_grad or value.requires_grad)
+        and (mask is not None or not _implicitly_causal(module, query, kwargs))
+        and not kwargs.get("dropout")
+        and not _needs_transformers_sdpa(kwargs)
+        and query.shape[1] % key.shape[1] == 0
     )
+
+
+def _implicitly_causal(module, query: Tensor, kwargs: dict) -> bool:
+    """Whether transformers' SDPA path would pass is_causal=True for a call without a mask."""
+    flag = kwargs.get("is_causal")
+    flag = getattr(module, "is_causal", True) if flag is None else flag
+    return query.shape[2] > 1 and bool(flag)
 
 
 def _native_gqa(module: torch.nn.Module, query: Tensor, mask: Tensor | None, kwargs: dict) -> bool:

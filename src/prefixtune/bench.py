@@ -195,7 +195,7 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
 
     for suite in chosen:
         if suite == "kernels":
-            plan.update(_kernel_specs(shapes["kernels"], base, "bf16" in dtypes))
+            plan.update(_kernel_specs(shapes["kernels"], base, dtypes))
             continue
         for model in models_for(suite):
             if suite in ("train", "mfu"):
@@ -211,17 +211,18 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
     return list(plan.items())
 
 
-def _kernel_specs(shapes: dict, base: dict, bf16: bool) -> dict[str, dict[str, Any]]:
-    """Cross-entropy always; the bf16 attention sweep where bf16 runs (native, or asked for)."""
+def _kernel_specs(shapes: dict, base: dict, dtypes: list[str]) -> dict[str, dict[str, Any]]:
+    """Cross-entropy; the attention sweep in each of the run's dtypes (bf16 where it runs)."""
     specs = {f"kernels/cross-entropy/{impl}": {**base, "kind": "cross_entropy", "impl": impl,
                                                "rows": shapes["rows"], "vocab": shapes["vocab"]}
              for impl in ("ours", "torch")}  # fmt: skip
-    for length in shapes["queries"] if bf16 else ():
-        for prefix in shapes["prefix_lens"]:
-            for impl in ("ours", "bf16-kernel"):
-                specs[f"kernels/attention/T{length}/P{prefix}/{impl}"] = {
-                    **base, "kind": "attention", "impl": impl, "queries": length,
-                    "prefix_len": prefix}  # fmt: skip
+    for dtype in dtypes:
+        for length in shapes["queries"]:
+            for prefix in shapes["prefix_lens"]:
+                for impl in ("ours", "sdpa", "math"):
+                    specs[f"kernels/attention/{dtype}/T{length}/P{prefix}/{impl}"] = {
+                        **base, "kind": "attention", "impl": impl, "dtype": dtype,
+                        "queries": length, "prefix_len": prefix}  # fmt: skip
     return specs
 
 

@@ -78,9 +78,7 @@ def comparisons(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             theirs = results.get(name[: -len("ours")] + "peft-switching", {})
             out.append(_pair(suite, name, result, theirs, "PEFT switching"))
         elif suite == "kernels" and spec.get("impl") == "ours":
-            stock = name.removesuffix("ours") + (
-                "torch" if "cross-entropy" in name else "bf16-kernel"
-            )
+            stock = name.removesuffix("ours") + ("torch" if "cross-entropy" in name else "sdpa")
             out.append(_pair(suite, name, result, results.get(stock, {}), "PyTorch's kernel"))
         elif suite == "long" and name.endswith("/ours"):
             base = name[: -len("ours")]
