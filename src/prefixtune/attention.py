@@ -208,10 +208,10 @@ def _kernel_dtype(query: Tensor) -> torch.dtype:
 # PyTorch's CPU flash-attention backward in bf16 costs about as much for 40 keys as for 300 (it
 # took 26% of a SmolLM2 training step for 5% of its FLOPs), so over few keys a bf16 training step
 # runs attention as two bf16 matmuls around an fp32 softmax (`math_attention`) instead: forward +
-# backward 1.1-3.1x PyTorch's bf16 kernel at up to 328 keys for B x T = 1,024 queries, as fast
-# at 266 keys, slower from ~450 (one thread, AMX Xeon, torch 2.13; `prefixtune bench --suite
-# kernels` re-measures it, docs/PERFORMANCE.md). In fp32 PyTorch's kernel is as fast or faster
-# at every length measured, so fp32 keeps it.
+# backward 2.9x PyTorch's bf16 kernel at 74 keys, 1.4x at 138, 1.02-1.04x at 264-328 keys for
+# B x T = 1,024 queries, 0.94x at 266 keys in rows of 256, slower from ~450 (2 threads, AMX Xeon,
+# torch 2.13; `prefixtune bench --suite kernels`, docs/results/bench/amx-kernels.json). In fp32
+# PyTorch's kernel is as fast or faster at every length but 138 keys, so fp32 keeps it.
 MATH_MAX_KEYS = {torch.bfloat16: 352}
 
 

@@ -9,7 +9,7 @@ key/value head once: the query heads of a group are stacked along the rows of on
 
 The probabilities are kept for backward in the inputs' dtype (2 bytes a score in bf16, as the
 matmul with the values reads them); recomputing them instead, flash-style, measured no faster
-than PyTorch's kernel. The kept matrix is what bounds the rows this pays for (`attention.attend`
+than the fp32-kernel route this replaced. The kept matrix is what bounds the rows this pays for (`attention.attend`
 sets the limit).
 """
 
