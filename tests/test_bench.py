@@ -134,11 +134,13 @@ def test_plan_covers_the_issue_matrix():
 
 
 def test_compile_adds_compiled_twins_paired_with_peft():
-    plain = dict(bench.build_plan(["train", "real"], ["smollm2"], ["fp32"], False, 5, 1))
-    plan = dict(bench.build_plan(["train", "real"], ["smollm2"], ["fp32"], False, 5, 1, True))
+    suites = ["train", "real", "generate", "multitenant"]
+    plain = dict(bench.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1))
+    plan = dict(bench.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1, True))
     twins = {name for name in plan if name.endswith("-compiled")}
     assert twins == {f"train/smollm2/fp32/P{n}/ours-{k}-compiled" for n in (10, 200)
-                     for k in ("mlp", "table")} | {"real/smollm2/fp32/ours-compiled"}  # fmt: skip
+                     for k in ("mlp", "table")} | {f"{suite}/smollm2/fp32/ours-compiled"
+                                                   for suite in suites[1:]}  # fmt: skip
     assert set(plan) - twins == set(plain) and not any(s.get("compile") for s in plain.values())
     assert all(plan[name]["compile"] and plan[name]["impl"] == "ours" for name in twins)
     fake = {name: {"spec": spec, "tokens_per_s": 2.0 if spec.get("compile") else 1.0, "median_s": 1,
@@ -148,8 +150,13 @@ def test_compile_adds_compiled_twins_paired_with_peft():
     twin = pairs[("train/smollm2/fp32/P10/ours-mlp-compiled", "PEFT")]
     assert twin["ratio"] == 2.0 and twin["reference_rate"] == 1.0
     assert pairs[("real/smollm2/fp32/ours-compiled", "PEFT")]["ratio"] == 2.0
-    fixed = bench_report.targets(list(pairs.values()), [], fake, {})[1]
+    assert pairs[("generate/smollm2/fp32/ours-compiled", "PEFT")]["ratio"] == 2.0
+    assert pairs[("multitenant/smollm2/fp32/ours-compiled", "PEFT switching")]["ratio"] == 2.0
+    rows = bench_report.targets(list(pairs.values()), [], fake, {})
+    fixed, generate, multitenant = rows[1:4]
     assert fixed["met"] and "compiled" in fixed["measured"]  # judged on the fastest variant
+    assert generate["met"] and "ours-compiled" in generate["measured"]  # 2x >= 1.2x
+    assert multitenant["met"] is False and "ours-compiled" in multitenant["measured"]  # 2x < 4x
 
 
 @pytest.mark.slow  # inductor compiles C++ for a minute or more

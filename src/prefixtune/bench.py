@@ -105,8 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also run prefixtune's training configs (train, mfu, real) under torch.compile "
-        f"(`train --compile`), named *{COMPILED}; each compiles for minutes first",
+        help="also run prefixtune's training and decoding configs (train, mfu, real, generate, "
+        f"multitenant) under torch.compile (`train --compile`, `generate --compile`), named "
+        f"*{COMPILED}; each compiles for minutes first",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
     parser.add_argument(
@@ -248,8 +249,11 @@ def _suite_specs(suite: str, model: str, dtype: str, shapes: dict, base: dict,
     if suite in ("generate", "multitenant"):
         common = {**base, "kind": suite, "model": model, "dtype": dtype, **shapes["generate"]}
         theirs = "peft" if suite == "generate" else "peft-switching"
-        return {f"{suite}/{tag}/ours": {**common, "impl": "ours"},
-                f"{suite}/{tag}/{theirs}": {**common, "impl": "peft"}}  # fmt: skip
+        specs = {f"{suite}/{tag}/ours": {**common, "impl": "ours"},
+                 f"{suite}/{tag}/{theirs}": {**common, "impl": "peft"}}  # fmt: skip
+        if compile:
+            specs[f"{suite}/{tag}/ours{COMPILED}"] = {**common, "impl": "ours", "compile": True}
+        return specs
     if suite == "real":
         common = {**base, "kind": "real", "model": model, "dtype": dtype, "reparam": True,
                   **shapes["real"]}  # fmt: skip

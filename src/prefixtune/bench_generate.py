@@ -38,12 +38,12 @@ def _setup(spec: dict[str, Any]):
     return model, prefixes, rows, pad
 
 
-def _ours(model, rows, prefix_kv, new_tokens: int, pad: int):
+def _ours(model, rows, prefix_kv, new_tokens: int, pad: int, compile: bool = False):
     from .config import GenerateConfig
     from .generate import generate, left_pad
 
     ids, mask = left_pad(rows, pad)
-    config = GenerateConfig(max_new_tokens=new_tokens)
+    config = GenerateConfig(max_new_tokens=new_tokens, compile=compile)
     return generate(model, ids, mask, prefix_kv, config, eos_token_id=NEVER, pad_token_id=pad)
 
 
@@ -87,12 +87,13 @@ def run_generate(spec: dict[str, Any]) -> dict[str, Any]:
     """One batch of prompts, one shared prefix, greedy decoding of new_tokens tokens."""
     model, prefixes, rows, pad = _setup(spec)
     new_tokens, outputs = spec["new_tokens"], {}
+    compile = spec.get("compile", False)  # a compiled config compiles in its warm-up
     with tempfile.TemporaryDirectory(prefix="prefixtune-bench-") as tmp:
         if spec["impl"] == "ours":
             prefix_kv = prefixes[0].to_prefix_kv()
 
             def step() -> None:
-                outputs["rows"] = _ours(model, rows, prefix_kv, new_tokens, pad)
+                outputs["rows"] = _ours(model, rows, prefix_kv, new_tokens, pad, compile)
         else:
             peft_model = _peft_model(model, prefixes[:1], Path(tmp), spec["model"])
 
@@ -110,12 +111,13 @@ def run_multitenant(spec: dict[str, Any]) -> dict[str, Any]:
 
     model, prefixes, rows, pad = _setup(spec)
     new_tokens, outputs = spec["new_tokens"], {}
+    compile = spec.get("compile", False)  # a compiled config compiles in its warm-up
     with tempfile.TemporaryDirectory(prefix="prefixtune-bench-") as tmp:
         if spec["impl"] == "ours":
             mixed = PrefixKV.stack([p.kv for p in prefixes], rows=torch.arange(len(rows)))
 
             def step() -> None:
-                outputs["rows"] = _ours(model, rows, mixed, new_tokens, pad)
+                outputs["rows"] = _ours(model, rows, mixed, new_tokens, pad, compile)
         else:
             peft_model = _peft_model(model, prefixes, Path(tmp), spec["model"])
 

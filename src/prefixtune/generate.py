@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .attention import ATTN_NAME, PrefixKV, enable_prefixes, position_ids_for
 from .config import ConfigError, GenerateConfig
 from .kvcache import plain_attention_layers, preallocated_cache
-from .models import accepts_argument, is_encoder_decoder
+from .models import accepts_argument, compiled_for_decoding, is_encoder_decoder
 from .packing import packed_prefill, packing_pays
 
 
@@ -376,7 +376,8 @@ def generate(
     `decoder_start_token_id`. prefix: one PrefixKV for the batch (rows may select different
     prefixes), e.g. a PrefixEncoder output or `FoldedPrefix.to_prefix_kv()`. prefix_in_cache:
     None picks seeding where possible, False forces concatenation in attention, True insists.
-    `pad_token_id` fills unused beam slots; outputs never contain padding.
+    `pad_token_id` fills unused beam slots; outputs never contain padding. With
+    `config.compile` prefill and decoding run the model under torch.compile (same tokens).
     """
     from .beam import beam_search  # beam.py uses this module's helpers
 
@@ -397,14 +398,15 @@ def generate(
             if model.config._attn_implementation != ATTN_NAME:
                 enable_prefixes(model)
             prefix = frozen_prefix(prefix, model.dtype, device)
+        runner = compiled_for_decoding(model) if config.compile else model
         if enc_dec:
             state, logits = prefill_encoder_decoder(
-                model, input_ids, attention_mask, prefix, config.max_new_tokens
+                runner, input_ids, attention_mask, prefix, config.max_new_tokens
             )
             history = start_tokens(model, len(input_ids), device)[:, None]  # (B, 1)
         else:
             state, logits = prefill_decoder(
-                model, input_ids, attention_mask, prefix, config.max_new_tokens, prefix_in_cache
+                runner, input_ids, attention_mask, prefix, config.max_new_tokens, prefix_in_cache
             )
             history = input_ids[:, :0]  # (B, 0): the prompt does not count for n-grams
         if config.num_beams > 1:

@@ -152,6 +152,7 @@ def accepts_argument(model: PreTrainedModel, name: str) -> bool:
     """Whether the model's forward takes keyword `name` (e.g. logits_to_keep)."""
     import inspect
 
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper hides the signature
     return name in inspect.signature(model.forward).parameters
 
 
@@ -200,9 +201,24 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 def compiled(loss_fn: Callable[..., Tensor], device: torch.device) -> Callable[..., Tensor]:
     """`loss_fn` under torch.compile (inductor). Shapes are specialised on the first call and
     made dynamic after the first change, so length-bucketed batches compile two or three times.
-
-    Inductor on CPU writes C++: without a compiler it would fail at the first step, so refuse now.
     """
+    _require_compiler(device)
+    return torch.compile(loss_fn, dynamic=None)
+
+
+def compiled_for_decoding(model: PreTrainedModel) -> torch.nn.Module:
+    """`model` under torch.compile for generation, with dynamic shapes from the first call.
+
+    The key length grows by one every step and finished rows leave the batch, so decoding
+    compiles once per kind of call (prompt prefill, one-token step, a batch of one row: sizes 0
+    and 1 are always specialised), not once per step. Calls and attributes reach the model
+    (`_orig_mod`); dynamo keeps the compiled code for later calls on the same model.
+    """
+    _require_compiler(model.device)
+    return torch.compile(model, dynamic=True)
+
+
+def _require_compiler(device: torch.device) -> None:
+    """Inductor on CPU writes C++: without a compiler it would fail at the first call."""
     if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         raise ConfigError("--compile needs a C++ compiler on CPU (g++); install one or drop it")
-    return torch.compile(loss_fn, dynamic=None)
