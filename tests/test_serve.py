@@ -172,6 +172,29 @@ def test_rows_join_and_leave_between_decode_steps(served):
     assert len({len(r.tokens) for r in results}) > 2
 
 
+@pytest.mark.slow  # inductor compiles C++ for a minute or more
+def test_compiled_continuous_batching_serves_the_same_tokens(served):
+    """serve --compile: rows join a running batch of the compiled model; same tokens."""
+    from torch._dynamo.utils import counters
+
+    server, _, ids = served
+    tok = server.tokenizer
+    jobs = [(prompt_ids(SOURCES[i], tok), ids[i % len(ids)] if i % 3 else None) for i in range(6)]
+
+    def serve_all(**options) -> list[list[int]]:
+        scheduler = _fresh_scheduler(server, max_batch_size=3, max_wait_ms=0, **options).start()
+        try:
+            futures = [scheduler.submit(prompt, tenant, GREEDY) for prompt, tenant in jobs]
+            return [f.result(timeout=600).tokens for f in futures]
+        finally:
+            scheduler.close(10)
+
+    eager = serve_all()
+    counters.clear()
+    assert serve_all(compile=True) == eager
+    assert counters["stats"]["unique_graphs"] > 0  # the forward really ran compiled
+
+
 def test_sampling_follows_the_request_seed_whatever_the_batch(served):
     server, root, ids = served
     tok = server.tokenizer

@@ -34,7 +34,7 @@ from .config import GenerateConfig
 from .continuous import Row, RunningBatch, seedable
 from .data import Encoded, collate_seq2seq
 from .generate import eval_mode, generate, left_pad
-from .models import is_encoder_decoder
+from .models import compiled_for_decoding, is_encoder_decoder
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,13 @@ class Scheduler:
         max_wait_ms: float = 10.0,
         max_queue: int = 1024,
         continuous: bool | None = None,
+        compile: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
         self.model, self.bank = model, bank
+        self.compile = compile  # decode under torch.compile (generate --compile)
+        self._runner = compiled_for_decoding(model) if compile else model
         self.eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.pad_token_id = pad_token_id
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
@@ -114,7 +117,7 @@ class Scheduler:
         self._pending: deque[Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._running = RunningBatch(model, self.eos_ids)
+        self._running = RunningBatch(self._runner, self.eos_ids)
         self._thread: threading.Thread | None = None
         self.counters = {"requests": 0, "batches": 0, "decode_steps": 0, "failed": 0}
 
@@ -181,7 +184,7 @@ class Scheduler:
             except Exception as err:  # never leave callers waiting on a dead worker
                 log.exception("scheduler step failed")
                 self._fail(joiners + group + [row.tag for row in self._running.rows], err)
-                self._running = RunningBatch(self.model, self.eos_ids)
+                self._running = RunningBatch(self._runner, self.eos_ids)
 
     def _wait_for_batch(self) -> None:
         """Idle: wait (lock held by the caller) until max_batch_size requests are waiting or
@@ -281,7 +284,7 @@ class Scheduler:
         except Exception as err:
             log.exception("decode step failed")
             self._fail([row.tag for row in self._running.rows], err)
-            self._running = RunningBatch(self.model, self.eos_ids)
+            self._running = RunningBatch(self._runner, self.eos_ids)
             return
         self.counters["decode_steps"] += 1
         for row in finished:
@@ -295,7 +298,8 @@ class Scheduler:
         try:
             prefix = self.bank.gather([r.prefix for r in requests])
             ids, mask = pad_prompts(self.model, [r.prompt for r in requests], self.pad_token_id)
-            outputs = generate(self.model, ids, mask, prefix, requests[0].config,
+            config = dataclasses.replace(requests[0].config, compile=self.compile)
+            outputs = generate(self.model, ids, mask, prefix, config,
                                eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id)  # fmt: skip
         except Exception as err:
             log.exception("batch failed")

@@ -57,6 +57,9 @@ class ServeConfig:
     """Largest num_beams a request may ask for."""
     continuous: bool = True
     """Continuous batching where the model allows it (else request-level batching)."""
+    compile: bool = False
+    """Decode under torch.compile (as `generate --compile`): faster steps, but the first
+    requests of each kind (prefill, step, lone row) wait minutes for the compile."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     dtype: str = "float32"
@@ -297,6 +300,7 @@ def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) 
         model, bank, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
         max_queue=config.max_queue, continuous=None if config.continuous else False,
+        compile=config.compile,
     )  # fmt: skip
     return Server(model, tokenizer, bank, scheduler, config)
 
