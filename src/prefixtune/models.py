@@ -212,7 +212,9 @@ def compiled_for_decoding(model: PreTrainedModel) -> torch.nn.Module:
     The key length grows by one every step and finished rows leave the batch, so decoding
     compiles once per kind of call (prompt prefill, one-token step, a batch of one row: sizes 0
     and 1 are always specialised), not once per step. Calls and attributes reach the model
-    (`_orig_mod`); dynamo keeps the compiled code for later calls on the same model.
+    (`_orig_mod`); dynamo keeps the compiled code for later calls on the same model, up to its
+    recompile limit per function (`torch._dynamo.config.recompile_limit`, 8): a process that
+    decodes with more models of one class than that runs the rest eagerly, with a warning.
     """
     _require_compiler(model.device)
     return torch.compile(model, dynamic=True)
