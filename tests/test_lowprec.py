@@ -120,4 +120,4 @@ def test_math_attention_limits_follow_the_measured_crossover(dtype, keys, kernel
     query = torch.zeros(1, 1, 128, 4)
     key = torch.zeros(1, 1, keys, 4)
     with torch.autocast("cpu", dtype=dtype or BF16, enabled=dtype is not None):
-        assert attention._fastest_kernel(query, key) == kernel
+        assert attention._fastest_kernel(attention._kernel_dtype(query), key) == kernel

@@ -181,10 +181,10 @@ def attend(module, query, key, value, attention_mask, kwargs: dict,
 
     kernel: "math" (`math_attention`, where it applies) or "sdpa" (PyTorch's SDPA kernels);
     None chooses by the measured limits below."""
-    kernel = kernel or _fastest_kernel(query, key)
+    kernel_dtype = _kernel_dtype(query)
+    kernel = kernel or _fastest_kernel(kernel_dtype, key)
     if kernel == "sdpa" or not _math_applies(module, query, key, value, attention_mask, kwargs):
         return _sdpa(module, query, key, value, attention_mask, kwargs)
-    kernel_dtype = _kernel_dtype(query)
     query, key, value = (t.to(kernel_dtype) for t in (query, key, value))
     with torch.autocast(query.device.type, enabled=False):
         out = math_attention(query, key, value, attention_mask, kwargs.get("scaling"))
@@ -215,9 +215,9 @@ def _kernel_dtype(query: Tensor) -> torch.dtype:
 MATH_MAX_KEYS = {torch.bfloat16: 352}
 
 
-def _fastest_kernel(query: Tensor, key: Tensor) -> str:
+def _fastest_kernel(kernel_dtype: torch.dtype, key: Tensor) -> str:
     """ "math" within its measured key limit for the dtype attention computes in, else "sdpa"."""
-    return "math" if key.shape[2] <= MATH_MAX_KEYS.get(_kernel_dtype(query), 0) else "sdpa"
+    return "math" if key.shape[2] <= MATH_MAX_KEYS.get(kernel_dtype, 0) else "sdpa"
 
 
 def _math_applies(module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
