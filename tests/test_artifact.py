@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefixtune.artifact import (
+from prefixtune.config import PrefixConfig
+from prefixtune.core.artifact import (
     ArtifactError,
     check_fits,
     load_encoder,
@@ -14,9 +15,8 @@ from prefixtune.artifact import (
     save_encoder,
     save_prefix,
 )
-from prefixtune.attention import prefixed_forward
-from prefixtune.config import PrefixConfig
-from prefixtune.prefix import KindShape, PrefixEncoder, build_encoder, model_shapes
+from prefixtune.core.attention import prefixed_forward
+from prefixtune.core.prefix_encoder import KindShape, PrefixEncoder, build_encoder, model_shapes
 
 from conftest import X, tiny_bart, tiny_gpt2, tiny_llama
 
@@ -131,7 +131,7 @@ def test_failed_save_leaves_no_half_written_file(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("prefixtune.artifact.save_file", explode)
+    monkeypatch.setattr("prefixtune.core.artifact.save_file", explode)
     with pytest.raises(OSError):
         save_prefix(tmp_path / "p", folded, base_model="tiny")
     assert list((tmp_path / "p").iterdir()) == []

@@ -12,23 +12,23 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
-from prefixtune import baselines
-from prefixtune.adapters import (
+from prefixtune.config import ConfigError, GenerateConfig, PrefixConfig, TrainConfig
+from prefixtune.core.artifact import ArtifactError
+from prefixtune.core.attention import KVCapture, PrefixKV
+from prefixtune.core.models import enable_gradient_checkpointing, lm_logits
+from prefixtune.data.encoding import builtin_examples, collate, collate_seq2seq, encode
+from prefixtune.generation.engine import generate, left_pad
+from prefixtune.methods import baselines
+from prefixtune.methods.modules import (
     adapter_parameters,
     adapter_sites,
     infix_boundary,
     place_infix,
     prepend_virtual,
 )
-from prefixtune.artifact import ArtifactError
-from prefixtune.attention import KVCapture, PrefixKV
-from prefixtune.config import ConfigError, GenerateConfig, PrefixConfig, TrainConfig
-from prefixtune.data import builtin_examples, collate, collate_seq2seq, encode
-from prefixtune.generate import generate, left_pad
-from prefixtune.methods import build_method
-from prefixtune.models import enable_gradient_checkpointing, lm_logits
-from prefixtune.objective import hidden_states
-from prefixtune.train import Trainer
+from prefixtune.methods.objective import hidden_states
+from prefixtune.methods.registry import build_method
+from prefixtune.training.trainer import Trainer
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2, tiny_llama
 

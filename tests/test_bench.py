@@ -15,12 +15,13 @@ import torch
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from prefixtune import bench, bench_report
-from prefixtune.artifact import FoldedPrefix
-from prefixtune.bench_common import Memory, build_ours, build_peft, copy_peft_weights
-from prefixtune.bench_flops import geometry, mlp_flops, train_step_flops
-from prefixtune.data import IGNORE_INDEX
-from prefixtune.interop import export_peft
+from prefixtune.bench import report as bench_report
+from prefixtune.bench import suites as bench
+from prefixtune.bench.common import Memory, build_ours, build_peft, copy_peft_weights
+from prefixtune.bench.flops import geometry, mlp_flops, train_step_flops
+from prefixtune.core.artifact import FoldedPrefix
+from prefixtune.data.encoding import IGNORE_INDEX
+from prefixtune.interop.peft import export_peft
 
 from conftest import tiny_gpt2, tiny_llama
 
@@ -126,7 +127,7 @@ def test_plan_covers_the_issue_matrix():
     assert plan["generate/smollm2/fp32/peft"]["new_tokens"] == 32
     assert {"multitenant/smollm2/fp32/ours", "multitenant/smollm2/fp32/peft-switching",
             "real/smollm2/fp32/ours", "real/smollm2/fp32/peft", "mfu/peak"} <= set(plan)  # fmt: skip
-    from prefixtune.models import native_bf16
+    from prefixtune.core.models import native_bf16
 
     dtypes, note = bench.resolve_dtypes(["auto"])
     assert dtypes == (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
@@ -221,7 +222,7 @@ def test_quick_suite_runs_end_to_end(tmp_path):
 
 
 def bench_report_targets():
-    from prefixtune.bench_report import TARGETS
+    from prefixtune.bench.report import TARGETS
 
     return TARGETS.values()
 
@@ -229,7 +230,7 @@ def bench_report_targets():
 def test_worker_command_prints_one_json_result():
     spec = {"kind": "peak", "dtypes": ["fp32"], "quick": True}
     done = subprocess.run(
-        [sys.executable, "-m", "prefixtune.bench", "--worker", json.dumps(spec), "--threads", "1"],
+        [sys.executable, "-m", "prefixtune.bench.suites", "--worker", json.dumps(spec), "--threads", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     line = [x for x in done.stdout.splitlines() if x.startswith(bench.RESULT_MARK)][-1]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from prefixtune.artifact import load_prefix
-from prefixtune.cli import main
-from prefixtune.data import builtin_examples
+from prefixtune.cli.main import main
+from prefixtune.core.artifact import load_prefix
+from prefixtune.data.encoding import builtin_examples
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for prefixtune.data / prefixtune.datasets: readers on fixture files in the real formats,
+"""Tests for prefixtune.data.encoding / prefixtune.data.readers: readers on fixture files in the real formats,
 linearisation, grouping, tokenisation, padding, bucketing, error messages, and counts on the real
 data dir (skipped when it is absent)."""
 
@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from prefixtune import datasets as ds
-from prefixtune.data import (
+from prefixtune.data import readers as ds
+from prefixtune.data.encoding import (
     DATASETS,
     IGNORE_INDEX,
     SPLITS,

@@ -18,13 +18,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from prefixtune.artifact import load_encoder, load_prefix
-from prefixtune.cli import main
+from prefixtune.cli.main import main
 from prefixtune.config import PrefixConfig, TrainConfig
-from prefixtune.data import builtin_examples
-from prefixtune.distributed import Distributed
-from prefixtune.multitask import load_prefix_set
-from prefixtune.train import Trainer
+from prefixtune.core.artifact import load_encoder, load_prefix
+from prefixtune.data.encoding import builtin_examples
+from prefixtune.methods.multitask import load_prefix_set
+from prefixtune.training.distributed import Distributed
+from prefixtune.training.trainer import Trainer
 
 from conftest import TOKENIZER_VOCAB, tiny_gpt2, tiny_llama
 

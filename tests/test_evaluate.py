@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from prefixtune.artifact import ArtifactError, load_prefix
-from prefixtune.cli import main
+from prefixtune.cli.main import main
 from prefixtune.config import GenerateConfig, PrefixConfig, TrainConfig
-from prefixtune.data import builtin_examples, prompt_ids
-from prefixtune.evaluate import Predictor, evaluate_run
-from prefixtune.generate import generate
-from prefixtune.train import train
+from prefixtune.core.artifact import ArtifactError, load_prefix
+from prefixtune.data.encoding import builtin_examples, prompt_ids
+from prefixtune.evaluation.predictor import Predictor, evaluate_run
+from prefixtune.generation.engine import generate
+from prefixtune.training.trainer import train
 
 from conftest import TOKENIZER_VOCAB, tiny_llama
 
@@ -106,8 +106,8 @@ def test_prefix_for_a_different_base_model_is_refused(run_dir, bpe_tokenizer):
 
 
 def test_separator_is_kept_from_training_to_inference(task, model_dir, tmp_path):
-    from prefixtune.data import encode, load_examples
-    from prefixtune.models import load_model
+    from prefixtune.core.models import load_model
+    from prefixtune.data.encoding import encode, load_examples
 
     model, tokenizer = load_model(str(model_dir))
 
@@ -134,9 +134,9 @@ def test_separator_is_kept_from_training_to_inference(task, model_dir, tmp_path)
 def test_every_method_evaluates_with_the_same_command(method, task, model_dir, tmp_path):
     """`evaluate --run` on any method's run gives, item by item, what the loaded artifact
     generates alone, in the run's own prompt format (a non-default separator)."""
-    from prefixtune.baselines import load_method_artifact
-    from prefixtune.data import load_examples
-    from prefixtune.models import load_model
+    from prefixtune.core.models import load_model
+    from prefixtune.data.encoding import load_examples
+    from prefixtune.methods.baselines import load_method_artifact
 
     out, separator = tmp_path / method, " =>"
     config = TrainConfig(data=str(task), model=str(model_dir), out=str(out), max_steps=2,

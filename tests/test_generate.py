@@ -9,12 +9,17 @@ import dataclasses
 import pytest
 import torch
 
-from prefixtune.attention import KVCapture, PrefixKV, prefixed_forward
-from prefixtune.beam import beam_search
 from prefixtune.config import ConfigError, GenerateConfig, PrefixConfig
-from prefixtune.generate import generate, left_pad, prefill_decoder, prefill_encoder_decoder
-from prefixtune.models import enable_gradient_checkpointing
-from prefixtune.prefix import build_encoder
+from prefixtune.core.attention import KVCapture, PrefixKV, prefixed_forward
+from prefixtune.core.models import enable_gradient_checkpointing
+from prefixtune.core.prefix_encoder import build_encoder
+from prefixtune.generation.beam import beam_search
+from prefixtune.generation.engine import (
+    generate,
+    left_pad,
+    prefill_decoder,
+    prefill_encoder_decoder,
+)
 
 from conftest import BUILDERS, DECODER_ONLY, VOCAB, tiny_bart, tiny_gpt2, tiny_llama
 

@@ -12,10 +12,11 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
-from prefixtune.artifact import ArtifactError, FoldedPrefix, load_prefix, save_prefix
-from prefixtune.attention import position_ids_for, prefixed_forward
 from prefixtune.config import PrefixConfig
-from prefixtune.interop import (
+from prefixtune.core.artifact import ArtifactError, FoldedPrefix, load_prefix, save_prefix
+from prefixtune.core.attention import position_ids_for, prefixed_forward
+from prefixtune.core.prefix_encoder import build_encoder
+from prefixtune.interop.peft import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     add_arguments_export,
@@ -26,7 +27,6 @@ from prefixtune.interop import (
     run_import,
     write_model_card,
 )
-from prefixtune.prefix import build_encoder
 
 from conftest import tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 

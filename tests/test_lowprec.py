@@ -8,10 +8,10 @@ import contextlib
 import pytest
 import torch
 
-from prefixtune import attention
 from prefixtune.config import PrefixConfig
-from prefixtune.lowprec import frozen_weights_in
-from prefixtune.prefix import build_encoder
+from prefixtune.core import attention
+from prefixtune.core.prefix_encoder import build_encoder
+from prefixtune.training.weight_cast import frozen_weights_in
 
 from conftest import BUILDERS, DECODER_ONLY, X
 
@@ -29,7 +29,7 @@ def prefixed_loss(model, encoder) -> torch.Tensor:
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("name", DECODER_ONLY)
 def test_frozen_weights_cast_once_give_the_same_loss_and_gradients(name, checkpointing):
-    from prefixtune.models import enable_gradient_checkpointing
+    from prefixtune.core.models import enable_gradient_checkpointing
 
     model = BUILDERS[name]()
     encoder = build_encoder(model, PrefixConfig(length=3))
@@ -83,10 +83,10 @@ def test_bf16_training_attention_over_few_keys_is_math_attention(monkeypatch):
 
 
 def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer, monkeypatch):
-    from prefixtune import train as train_module
     from prefixtune.config import TrainConfig
-    from prefixtune.data import builtin_examples
-    from prefixtune.train import train
+    from prefixtune.data.encoding import builtin_examples
+    from prefixtune.training import trainer as train_module
+    from prefixtune.training.trainer import train
 
     from conftest import TOKENIZER_VOCAB, tiny_llama
 

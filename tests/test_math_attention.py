@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixtune import attention
 from prefixtune.config import PrefixConfig
-from prefixtune.math_attention import math_attention
-from prefixtune.prefix import build_encoder
+from prefixtune.core import attention
+from prefixtune.core.math_attention import math_attention
+from prefixtune.core.prefix_encoder import build_encoder
 
 from conftest import BUILDERS, X
 

@@ -1,4 +1,4 @@
-"""Tests for prefixtune.metrics: the official E2E check, hand-computable cases, error paths."""
+"""Tests for prefixtune.evaluation.metrics: the official E2E check, hand-computable cases, error paths."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from prefixtune import metrics
-from prefixtune.metrics import (
+from prefixtune.evaluation import metrics
+from prefixtune.evaluation.metrics import (
     JavaNotFoundError,
     bleu_bootstrap_ci,
     e2e_scores,
@@ -22,7 +22,7 @@ from prefixtune.metrics import (
     webnlg_scores,
     xsum_scores,
 )
-from prefixtune.metrics_e2e import mteval_nist, mteval_normalize, mteval_tokenize
+from prefixtune.evaluation.official_e2e import mteval_nist, mteval_normalize, mteval_tokenize
 
 DATA_DIR = Path(
     os.environ.get(

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from prefixtune.artifact import load_encoder
-from prefixtune.attention import prefixed_forward
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig
-from prefixtune.data import builtin_examples, collate, collate_seq2seq, encode
-from prefixtune.methods import PrefixMethod, build_method
-from prefixtune.multitask import (
+from prefixtune.core.artifact import load_encoder
+from prefixtune.core.attention import prefixed_forward
+from prefixtune.data.encoding import builtin_examples, collate, collate_seq2seq, encode
+from prefixtune.methods.multitask import (
     TASK_KEY,
     Task,
     TaskEncoded,
@@ -23,8 +22,9 @@ from prefixtune.multitask import (
     task_list,
     with_task_ids,
 )
-from prefixtune.objective import target_positions
-from prefixtune.train import Trainer
+from prefixtune.methods.objective import target_positions
+from prefixtune.methods.registry import PrefixMethod, build_method
+from prefixtune.training.trainer import Trainer
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2, tiny_llama
 

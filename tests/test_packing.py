@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-import prefixtune.generate as generation
-from prefixtune.attention import PrefixKV, enable_prefixes
+import prefixtune.generation.engine as generation
 from prefixtune.config import GenerateConfig, PrefixConfig
-from prefixtune.generate import generate, left_pad, prefill_decoder
-from prefixtune.kvcache import PreallocatedLayer
-from prefixtune.packing import packing_pays
-from prefixtune.prefix import build_encoder
+from prefixtune.core.attention import PrefixKV, enable_prefixes
+from prefixtune.core.prefix_encoder import build_encoder
+from prefixtune.generation.engine import generate, left_pad, prefill_decoder
+from prefixtune.generation.kvcache import PreallocatedLayer
+from prefixtune.generation.packing import packing_pays
 
 from conftest import BUILDERS
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from prefixtune import attention
-from prefixtune.attention import SITE_ATTR, KVCapture, PrefixKV, prefixed_forward
 from prefixtune.config import ConfigError, PrefixConfig
-from prefixtune.models import enable_gradient_checkpointing
-from prefixtune.prefix import build_encoder, capture_kv, model_shapes
+from prefixtune.core import attention
+from prefixtune.core.attention import SITE_ATTR, KVCapture, PrefixKV, prefixed_forward
+from prefixtune.core.models import enable_gradient_checkpointing
+from prefixtune.core.prefix_encoder import build_encoder, capture_kv, model_shapes
 
 from conftest import BUILDERS, DECODER_ONLY, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 
@@ -164,7 +164,7 @@ def test_gradient_checkpointing_gives_same_gradients(name):
 
 def test_gradient_checkpointing_keeps_bart_dropout_off():
     """BART layers drop out with their own training flag, which checkpointing must set."""
-    from prefixtune.objective import hidden_states, target_loss
+    from prefixtune.methods.objective import hidden_states, target_loss
 
     model = tiny_bart()
     model.config.dropout = model.config.activation_dropout = 0.5

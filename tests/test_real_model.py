@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixtune.attention import prefixed_forward
 from prefixtune.config import PrefixConfig
-from prefixtune.models import load_model
-from prefixtune.prefix import build_encoder, model_shapes
+from prefixtune.core.attention import prefixed_forward
+from prefixtune.core.models import load_model
+from prefixtune.core.prefix_encoder import build_encoder, model_shapes
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from prefixtune.cli import main
-from prefixtune.data import data_dir, load_examples
-from prefixtune.datasets import SPLITS
-from prefixtune.experiments import SCALES, init_grid, lowdata_grid, summarise, xsum_grid
+from prefixtune.cli.main import main
+from prefixtune.data.encoding import data_dir, load_examples
+from prefixtune.data.readers import SPLITS
+from prefixtune.experiments.grid import SCALES, init_grid, lowdata_grid, summarise, xsum_grid
 
 needs_data = pytest.mark.skipif(not (data_dir() / "e2e").exists(), reason="no E2E data dir")
 

@@ -14,15 +14,15 @@ import httpx
 import pytest
 import torch
 
-from prefixtune.artifact import ArtifactError, load_prefix, save_prefix
-from prefixtune.bank import PrefixBank
 from prefixtune.config import GenerateConfig
-from prefixtune.data import builtin_examples, prompt_ids
-from prefixtune.evaluate import Predictor
-from prefixtune.generate import generate
-from prefixtune.prefix import model_shapes
-from prefixtune.scheduler import Scheduler
-from prefixtune.serve import ServeConfig, build_server, create_app
+from prefixtune.core.artifact import ArtifactError, load_prefix, save_prefix
+from prefixtune.core.prefix_encoder import model_shapes
+from prefixtune.data.encoding import builtin_examples, prompt_ids
+from prefixtune.evaluation.predictor import Predictor
+from prefixtune.generation.engine import generate
+from prefixtune.serving.app import ServeConfig, build_server, create_app
+from prefixtune.serving.bank import PrefixBank
+from prefixtune.serving.scheduler import Scheduler
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 
@@ -455,8 +455,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
 def test_serve_flags_map_onto_serve_config():
     import argparse
 
-    from prefixtune.cli import dataclass_from_args
-    from prefixtune.serve import add_arguments
+    from prefixtune.cli.main import dataclass_from_args
+    from prefixtune.serving.app import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -470,7 +470,7 @@ def test_serve_flags_map_onto_serve_config():
 
 
 def test_bench_serve_smoke(served, tmp_path):
-    from prefixtune.bench_serve import bench_serve
+    from prefixtune.bench.serve import bench_serve
 
     server, _, _ = served
     out = tmp_path / "bench.json"

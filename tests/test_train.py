@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from prefixtune.artifact import load_encoder, load_prefix
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig
-from prefixtune.data import builtin_examples, collate, collate_seq2seq, encode
-from prefixtune.objective import hidden_states, target_loss
-from prefixtune.train import Trainer, train
+from prefixtune.core.artifact import load_encoder, load_prefix
+from prefixtune.data.encoding import builtin_examples, collate, collate_seq2seq, encode
+from prefixtune.methods.objective import hidden_states, target_loss
+from prefixtune.training.trainer import Trainer, train
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2, tiny_llama
 
@@ -129,7 +129,7 @@ def test_patience_stops_after_evaluations_without_improvement_and_keeps_the_best
     def dev_loss(*args) -> float:
         return next(scripted)
 
-    monkeypatch.setattr("prefixtune.train.dev_loss", dev_loss)
+    monkeypatch.setattr("prefixtune.training.trainer.dev_loss", dev_loss)
     config = run_config(tmp_path, max_steps=20, eval_every=2, patience=2)
     summary = train(config, PrefixConfig(length=2), model=tiny_gpt2(TOKENIZER_VOCAB),
                     tokenizer=bpe_tokenizer, train_examples=examples(8),
@@ -170,8 +170,8 @@ def test_compiled_training_matches_eager(tmp_path, bpe_tokenizer):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("chunk_values", [100, 2**18])  # chunks of 2 rows, or all 7 at once
 def test_cross_entropy_equals_torch_in_value_and_gradient(reduction, chunk_values, monkeypatch):
-    from prefixtune import objective
-    from prefixtune.objective import _CrossEntropy
+    from prefixtune.methods import objective
+    from prefixtune.methods.objective import _CrossEntropy
 
     monkeypatch.setattr(objective, "CE_CHUNK_VALUES", chunk_values)
     generator = torch.Generator().manual_seed(0)

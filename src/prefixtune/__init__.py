@@ -1,10 +1,10 @@
 """prefixtune: prefix-tuning (Li & Liang 2021) on frozen Hugging Face transformers models."""
 
-from .artifact import FoldedPrefix, load_prefix, save_prefix
-from .attention import PrefixKV, prefixed_forward
-from .config import PrefixConfig
-from .models import load_model
-from .prefix import PrefixEncoder, build_encoder
+from prefixtune.config import PrefixConfig
+from prefixtune.core.artifact import FoldedPrefix, load_prefix, save_prefix
+from prefixtune.core.attention import PrefixKV, prefixed_forward
+from prefixtune.core.models import load_model
+from prefixtune.core.prefix_encoder import PrefixEncoder, build_encoder
 
 __version__ = "0.1.0"
 __all__ = [

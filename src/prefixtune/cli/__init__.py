@@ -1,0 +1,1 @@
+"""prefixtune.cli.main."""

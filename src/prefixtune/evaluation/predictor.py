@@ -1,0 +1,212 @@
+"""Run generation on a split, score it, and write predictions, references and metrics.
+
+Text lives only here, at the edge: sources become prompt ids (the exact ids training used),
+the engine in generate.py returns ids, and they are decoded back to text for the metrics.
+
+Outputs (written atomically into --out, default RUN/eval-SPLIT):
+    predictions.txt   one prediction per line, in the order of the grouped split
+    references.txt    the references of each item, items separated by a blank line
+                      (the official E2E scripts' multi-reference format)
+    metrics.json      scores (see metrics.py for which implementation gives each number)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prefixtune.config import ConfigError, GenerateConfig
+from prefixtune.core.artifact import FoldedPrefix, check_fits, trained_separator
+from prefixtune.core.atomic_files import atomic_write_json, atomic_write_text
+from prefixtune.core.attention import PrefixKV
+from prefixtune.core.models import is_encoder_decoder, load_model
+from prefixtune.core.prefix_encoder import model_shapes
+from prefixtune.data.encoding import (
+    DATASETS,
+    Encoded,
+    Example,
+    collate_seq2seq,
+    load_examples,
+    prompt_ids,
+    subsample,
+)
+from prefixtune.evaluation.metrics import score
+from prefixtune.generation.engine import generate, left_pad
+
+if TYPE_CHECKING:
+    from prefixtune.methods.baselines import Loaded
+
+
+@dataclass
+class Predictor:
+    """Text in, text out: a frozen model, its tokenizer and an optional folded prefix, or any
+    method's trained artifact (`from_artifact`: prefix, infix, embedding, adapter, ft-top2,
+    finetune).
+
+    `separator` (decoder-only prompt format) defaults to the one the artifact was trained with.
+    """
+
+    model: Any
+    tokenizer: Any
+    prefix: FoldedPrefix | None = None
+    max_source_tokens: int = 256
+    separator: str | None = None
+    loaded: Loaded | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix is not None:
+            where = str(self.prefix.meta.get("path", "prefix"))
+            check_fits(self.prefix.shapes(), model_shapes(self.model), where)
+        if self.separator is None:
+            meta = self.loaded.meta if self.loaded else self.prefix.meta if self.prefix else {}
+            self.separator = trained_separator(meta)
+
+    @classmethod
+    def from_artifact(cls, directory: str | Path, model: Any, tokenizer: Any,
+                      max_source_tokens: int = 256, separator: str | None = None) -> Predictor:  # fmt: skip
+        """A predictor for whatever `directory` holds (a run's prefix/ of any --method).
+
+        ft-top2 and adapter artifacts load into `model` itself; finetune loads a copy.
+        """
+        from prefixtune.methods.baselines import load_method_artifact
+
+        loaded = load_method_artifact(directory, model)
+        return cls(loaded.model, tokenizer, None, max_source_tokens, separator, loaded)
+
+    def prompt(self, source: str) -> list[int]:
+        if not source.strip():
+            raise ConfigError("an input line is empty: give a source text on every line")
+        if is_encoder_decoder(self.model):
+            ids = self.tokenizer(source, truncation=True, max_length=self.max_source_tokens)
+            return ids["input_ids"]
+        return prompt_ids(source, self.tokenizer, separator=self.separator,
+                          max_source_tokens=self.max_source_tokens)  # fmt: skip
+
+    def _pad(self, rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder-only prompts are left-padded; BART encoder inputs right-padded (its learned
+        positions ignore the attention mask)."""
+        if not is_encoder_decoder(self.model):
+            return left_pad(rows, pad)
+        batch = collate_seq2seq([Encoded(r, [pad]) for r in rows], pad)
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _prefix_kv(self, mask: torch.Tensor) -> PrefixKV | None:
+        """The batch's prefix; an infix also needs the (B, T) prompt mask to place itself."""
+        if self.loaded is not None:
+            return self.loaded.prompt_inputs(mask)[0]
+        return None if self.prefix is None else self.prefix.to_prefix_kv(self.model.device)
+
+    def predict(
+        self, sources: list[str], config: GenerateConfig, *, batch_size: int = 16, progress=False
+    ) -> list[str]:
+        """Generate for every source, longest prompts first, batched; outputs in input order."""
+        prompts = [self.prompt(s) for s in sources]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        outputs: list[str] = [""] * len(prompts)
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="generate", disable=not progress, dynamic_ncols=True):
+            ids, mask = self._pad([prompts[i] for i in batch], pad)
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+            generated = generate(self.model, ids, mask, self._prefix_kv(mask), config,
+                                 eos_token_id=eos, pad_token_id=pad)  # fmt: skip
+            for index, tokens in zip(batch, generated, strict=True):
+                outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return outputs
+
+
+def task_of(dataset: str) -> str:
+    """The metric suite for a dataset name (a JSONL file gets the generic BLEU/ROUGE-L)."""
+    return dataset if dataset in DATASETS else "generic"
+
+
+def categories_of(examples: list[Example], dataset: str) -> list[str] | None:
+    if dataset != "webnlg":
+        return None
+    return [e.meta.get("seen", "seen") for e in examples]
+
+
+def score_examples(
+    examples: list[Example], predictions: list[str], dataset: str, bootstrap: int = 0
+) -> dict[str, float]:
+    references = [list(e.references or (e.target,)) for e in examples]
+    return score(task_of(dataset), predictions, references, categories_of(examples, dataset),
+                 bootstrap=bootstrap)  # fmt: skip
+
+
+def read_run(run: Path) -> dict[str, Any]:
+    """The run's run.json (what it was trained on and how)."""
+    path = run / "run.json"
+    if not path.exists():
+        raise ConfigError(
+            f"{run}: no run.json here (pass a directory written by `prefixtune train`)"
+        )
+    return json.loads(path.read_text())
+
+
+def write_outputs(
+    out: Path, examples: list[Example], predictions: list[str], metrics: dict
+) -> None:
+    atomic_write_text(
+        out / "predictions.txt", "".join(p.replace("\n", " ") + "\n" for p in predictions)
+    )
+    groups = ["".join(r + "\n" for r in (e.references or (e.target,))) for e in examples]
+    atomic_write_text(out / "references.txt", "\n".join(groups))
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A two-column text table of the metrics."""
+    width = max(len(k) for k in metrics) if metrics else 0
+    rows = [f"{k:<{width}}  {v:.4f}" for k, v in metrics.items() if isinstance(v, float | int)]
+    return "\n".join(rows)
+
+
+def evaluate_run(
+    run: str | Path,
+    split: str,
+    *,
+    config: GenerateConfig | None = None,
+    limit: int = 0,
+    batch_size: int = 16,
+    bootstrap: int = 1000,
+    out: str | Path | None = None,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate on `split` of the run's dataset with its artifact (any method); score and write
+    the outputs. A `model` passed in may be changed (ft-top2 weights, adapter hooks)."""
+    run = Path(run)
+    info = read_run(run)
+    train = info["train_config"]
+    if not (run / "prefix").exists() and (run / "prefixes").exists():
+        raise ConfigError(
+            f"{run} is a multi-task run: evaluate each task's prefix with `prefixtune generate "
+            f"--prefix {run / 'prefixes'}/TASK`"
+        )
+    examples = load_examples(train["data"], split, grouped=True)
+    if limit and limit < len(examples):
+        examples = subsample(examples, limit, seed=0)
+    if model is None:
+        model, tokenizer = load_model(train.get("model") or None)
+    predictor = Predictor.from_artifact(run / "prefix", model, tokenizer,
+                                        train.get("max_source_tokens", 256))  # fmt: skip
+    if predictor.loaded and "separator" not in predictor.loaded.meta:  # saved before it was kept
+        predictor.separator = train.get("separator", "\n")
+    config = config or GenerateConfig.preset("table-to-text")
+    predictions = predictor.predict([e.source for e in examples], config, batch_size=batch_size,
+                                    progress=progress)  # fmt: skip
+    metrics = score_examples(examples, predictions, train["data"], bootstrap=bootstrap)
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    report = {"split": split, "items": len(examples), "metrics": metrics,
+              "generation": config.__dict__}  # fmt: skip
+    write_outputs(Path(out) if out else run / f"eval-{split}", examples, predictions, report)
+    return report

@@ -1,0 +1,310 @@
+"""The scheduler: collects concurrent requests into batches and runs them on one worker thread.
+
+Requests arrive from any thread (`submit` returns a `concurrent.futures.Future`). One worker
+thread owns the model:
+
+* Continuous batching (decoder-only models whose KV cache can hold the prefixes): greedy and
+  sampling requests join the running batch between decode steps, whatever their prefix or
+  options, up to `max_batch_size` rows; finished rows leave at once (continuous.py).
+* Request-level dynamic batching (beam search everywhere; every request on encoder-decoder or
+  sliding-window models): requests with identical decoding options and prefix kinds form one
+  batch of up to `max_batch_size`, run to completion through `generate()`, prefixes mixed per row.
+
+When the worker is idle it waits up to `max_wait_ms` after the first arrival for more requests
+(or until `max_batch_size` are waiting) before it starts. `close()` stops intake and lets the
+worker finish everything already accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from prefixtune.config import GenerateConfig
+from prefixtune.core.models import compiled_for_decoding, is_encoder_decoder
+from prefixtune.data.encoding import Encoded, collate_seq2seq
+from prefixtune.generation.continuous import Row, RunningBatch, seedable
+from prefixtune.generation.engine import eval_mode, generate, left_pad
+from prefixtune.serving.bank import PrefixBank, UnknownPrefixError
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler is shutting down and takes no new requests."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+@dataclass
+class Request:
+    """One generation request in token ids (the scheduler never sees text)."""
+
+    prompt: list[int]
+    prefix: str | None
+    config: GenerateConfig
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    batch_rows: int = 0  # rows in the batch it started in
+
+
+@dataclass
+class Result:
+    """New token ids (no prompt, no EOS) and how the request went."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
+    queued_s: float  # arrival -> start of its batch
+    total_s: float  # arrival -> result
+    batch_rows: int  # rows in the batch when it started (running rows included)
+
+
+def _finish_reason(tokens: list[int], config: GenerateConfig) -> str:
+    return "length" if len(tokens) >= config.max_new_tokens else "stop"
+
+
+def pad_prompts(model: PreTrainedModel, prompts: list[list[int]], pad: int):
+    """(input_ids, attention_mask): left-padded for decoder-only models, right-padded encoder
+    inputs for encoder-decoder models (as evaluate.Predictor does)."""
+    if not is_encoder_decoder(model):
+        return left_pad(prompts, pad)
+    batch = collate_seq2seq([Encoded(p, [pad]) for p in prompts], pad)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+class Scheduler:
+    """Batches requests over a bank of prefixes for one frozen model (one worker thread)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        bank: PrefixBank,
+        *,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 1024,
+        continuous: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        self.model, self.bank = model, bank
+        self.compile = compile  # decode under torch.compile (generate --compile)
+        self._runner = compiled_for_decoding(model) if compile else model
+        self.eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.pad_token_id = pad_token_id
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        can = seedable(model)
+        if continuous and not can:
+            raise ValueError("continuous batching needs a decoder-only model without "
+                             "sliding-window layers")  # fmt: skip
+        self.continuous = can if continuous is None else continuous
+        self._pending: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running = RunningBatch(self._runner, self.eos_ids)
+        self._thread: threading.Thread | None = None
+        self.counters = {"requests": 0, "batches": 0, "decode_steps": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="prefixtune-scheduler",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
+        return self
+
+    def submit(self, prompt: list[int], prefix: str | None, config: GenerateConfig) -> Future:
+        """Queue a request; its Future resolves to a Result (or raises)."""
+        request = Request(list(prompt), prefix, config)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests waiting (limit {self.max_queue})")
+            self._pending.append(request)
+            self._cond.notify()
+        return request.future
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no new requests, finish the accepted ones; True when the worker has stopped."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        with self._cond:  # never started: nothing will run what is waiting
+            self._fail(list(self._pending), SchedulerClosed("the server is shutting down"))
+            self._pending.clear()
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": "continuous" if self.continuous else "dynamic",
+            "waiting": len(self._pending),
+            "running": len(self._running),
+            "max_batch_size": self.max_batch_size,
+            "max_wait_ms": self.max_wait * 1000.0,
+            **self.counters,
+        }
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending and not len(self._running):
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                    continue
+                if not len(self._running):
+                    self._wait_for_batch()
+                joiners, group = self._take()
+            try:
+                with torch.inference_mode(), eval_mode(self.model):
+                    self._admit(joiners)
+                    self._run_group(group)
+                    self._decode_step()
+            except Exception as err:  # never leave callers waiting on a dead worker
+                log.exception("scheduler step failed")
+                self._fail(joiners + group + [row.tag for row in self._running.rows], err)
+                self._running = RunningBatch(self._runner, self.eos_ids)
+
+    def _wait_for_batch(self) -> None:
+        """Idle: wait (lock held by the caller) until max_batch_size requests are waiting or
+        max_wait has passed since the oldest arrived, or shutdown begins."""
+        deadline = self._pending[0].arrived + self.max_wait
+        while len(self._pending) < self.max_batch_size and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _steppable(self, request: Request) -> bool:
+        return self.continuous and request.config.num_beams == 1
+
+    def _take(self) -> tuple[list[Request], list[Request]]:
+        """Pop (rows that join the running batch, one generate() group) from the queue."""
+        room = self.max_batch_size - len(self._running)
+        joiners, group, key, kept = [], [], None, deque()
+        while self._pending:
+            request = self._pending.popleft()
+            if self._steppable(request) and len(joiners) < room:
+                joiners.append(request)
+            elif (
+                not self._steppable(request)
+                and len(group) < self.max_batch_size
+                and (key is None or self._group_key(request) == key)
+            ):
+                key = self._group_key(request)
+                group.append(request)
+            else:
+                kept.append(request)
+        self._pending = kept
+        return self._claim(joiners), self._claim(group)
+
+    def _group_key(self, request: Request) -> tuple:
+        try:
+            kinds = self.bank.kinds_of(request.prefix)
+        except UnknownPrefixError:
+            kinds = ()
+        return dataclasses.astuple(request.config), kinds
+
+    def _claim(self, requests: list[Request]) -> list[Request]:
+        """Drop cancelled requests; mark the others as started."""
+        now = time.monotonic()
+        claimed = [r for r in requests if r.future.set_running_or_notify_cancel()]
+        for request in claimed:
+            request.started = now
+        return claimed
+
+    def _known(self, requests: list[Request]) -> list[Request]:
+        """Fail requests whose prefix was removed after they were accepted."""
+        known = []
+        for request in requests:
+            if request.prefix is None or request.prefix in self.bank:
+                known.append(request)
+            else:
+                self._fail([request], UnknownPrefixError(request.prefix))
+        return known
+
+    def _fail(self, requests: list[Request], err: BaseException) -> None:
+        self.counters["failed"] += len(requests)
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(err)
+
+    def _resolve(self, request: Request, tokens: list[int], rows: int) -> None:
+        now = time.monotonic()
+        reason = _finish_reason(tokens, request.config)
+        result = Result(tokens, reason, request.started - request.arrived, now - request.arrived,
+                        rows)  # fmt: skip
+        self.counters["requests"] += 1
+        if not request.future.done():
+            request.future.set_result(result)
+
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill newcomers and merge them into the running batch."""
+        requests = self._known(requests)
+        if not requests:
+            return
+        rows = [Row(r.prompt, r.config, tag=r) for r in requests]
+        try:
+            prefix = self.bank.gather([r.prefix for r in requests])
+            self._running.add(rows, prefix, self.pad_token_id)
+        except Exception as err:  # a failed prefill must not take the worker down
+            log.exception("prefill failed")
+            self._fail(requests, err)
+            return
+        self.counters["batches"] += 1
+        for row in rows:
+            row.tag.batch_rows = len(self._running)
+
+    def _decode_step(self) -> None:
+        if not len(self._running):
+            return
+        try:
+            finished = self._running.step()
+        except Exception as err:
+            log.exception("decode step failed")
+            self._fail([row.tag for row in self._running.rows], err)
+            self._running = RunningBatch(self._runner, self.eos_ids)
+            return
+        self.counters["decode_steps"] += 1
+        for row in finished:
+            self._resolve(row.tag, row.tokens, row.tag.batch_rows)
+
+    def _run_group(self, requests: list[Request]) -> None:
+        """Run one group with identical options to completion through generate()."""
+        requests = self._known(requests)
+        if not requests:
+            return
+        try:
+            prefix = self.bank.gather([r.prefix for r in requests])
+            ids, mask = pad_prompts(self.model, [r.prompt for r in requests], self.pad_token_id)
+            config = dataclasses.replace(requests[0].config, compile=self.compile)
+            outputs = generate(self.model, ids, mask, prefix, config,
+                               eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id)  # fmt: skip
+        except Exception as err:
+            log.exception("batch failed")
+            self._fail(requests, err)
+            return
+        self.counters["batches"] += 1
+        for request, tokens in zip(requests, outputs, strict=True):
+            self._resolve(request, tokens, len(requests))
