@@ -15,10 +15,12 @@ import torch
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from prefixtune.bench import plan as bench_plan
 from prefixtune.bench import report as bench_report
-from prefixtune.bench import suites as bench
 from prefixtune.bench.common import Memory, build_ours, build_peft, copy_peft_weights
 from prefixtune.bench.flops import geometry, mlp_flops, train_step_flops
+from prefixtune.bench.runner import RESULT_MARK
+from prefixtune.cli import bench as bench_cli
 from prefixtune.core.artifact import FoldedPrefix
 from prefixtune.data.encoding import IGNORE_INDEX
 from prefixtune.interop.peft import export_peft
@@ -109,7 +111,7 @@ def test_flop_counter_matches_torch_on_the_matmuls(arch):
 
 
 def test_plan_covers_the_issue_matrix():
-    plan = dict(bench.build_plan(["all"], None, ["fp32"], quick=False, iters=5, warmup=1))
+    plan = dict(bench_plan.build_plan(["all"], None, ["fp32"], quick=False, iters=5, warmup=1))
     for model in ("gpt2-small-random", "smollm2"):
         for length in (10, 200):
             for variant in ("ours-mlp", "peft-mlp", "ours-table", "peft-table"):
@@ -129,15 +131,15 @@ def test_plan_covers_the_issue_matrix():
             "real/smollm2/fp32/ours", "real/smollm2/fp32/peft", "mfu/peak"} <= set(plan)  # fmt: skip
     from prefixtune.core.models import native_bf16
 
-    dtypes, note = bench.resolve_dtypes(["auto"])
+    dtypes, note = bench_plan.resolve_dtypes(["auto"])
     assert dtypes == (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])
     assert (note is None) == native_bf16("cpu")
 
 
 def test_compile_adds_compiled_twins_paired_with_peft():
     suites = ["train", "real", "generate", "multitenant"]
-    plain = dict(bench.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1))
-    plan = dict(bench.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1, True))
+    plain = dict(bench_plan.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1))
+    plan = dict(bench_plan.build_plan(suites, ["smollm2"], ["fp32"], False, 5, 1, True))
     twins = {name for name in plan if name.endswith("-compiled")}
     assert twins == {f"train/smollm2/fp32/P{n}/ours-{k}-compiled" for n in (10, 200)
                      for k in ("mlp", "table")} | {f"{suite}/smollm2/fp32/ours-compiled"
@@ -163,11 +165,11 @@ def test_compile_adds_compiled_twins_paired_with_peft():
 @pytest.mark.slow  # inductor compiles C++ for a minute or more
 def test_quick_compiled_training_config_runs(tmp_path):
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     out = tmp_path / "bench.json"
     args = ["--quick", "--suite", "train", "--compile", "--only", "P2/ours-mlp", "--iters", "2",
             "--no-memory-pass", "--out", str(out)]  # fmt: skip
-    assert bench.run(parser.parse_args(args)) == 0
+    assert bench_cli.run(parser.parse_args(args)) == 0
     results = json.loads(out.read_text())["results"]
     eager, compiled = (results[f"train/tiny-llama/fp32/P2/ours-mlp{s}"] for s in ("", "-compiled"))
     assert compiled["spec"]["compile"] and compiled["median_s"] > 0
@@ -187,9 +189,9 @@ def test_memory_peak_covers_the_steps_only():
 
 def test_quick_suite_runs_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     out = tmp_path / "bench.json"
-    code = bench.run(parser.parse_args(["--quick", "--suite", "all", "--out", str(out)]))
+    code = bench_cli.run(parser.parse_args(["--quick", "--suite", "all", "--out", str(out)]))
     assert code == 0
     report = json.loads(out.read_text())
     assert set(report) == {"meta", "results", "comparisons", "mfu", "targets"}
@@ -230,11 +232,11 @@ def bench_report_targets():
 def test_worker_command_prints_one_json_result():
     spec = {"kind": "peak", "dtypes": ["fp32"], "quick": True}
     done = subprocess.run(
-        [sys.executable, "-m", "prefixtune.bench.suites", "--worker", json.dumps(spec), "--threads", "1"],
+        [sys.executable, "-m", "prefixtune.bench.runner", "--worker", json.dumps(spec), "--threads", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
-    line = [x for x in done.stdout.splitlines() if x.startswith(bench.RESULT_MARK)][-1]
-    result = json.loads(line[len(bench.RESULT_MARK) :])
+    line = [x for x in done.stdout.splitlines() if x.startswith(RESULT_MARK)][-1]
+    result = json.loads(line[len(RESULT_MARK) :])
     assert result["fp32"]["gflops"] > 0 and result["fp32"]["threads"] == 1
 
 
@@ -295,9 +297,9 @@ def test_bf16_target_is_judged_on_the_compiled_twins_when_they_ran():
 
 
 def test_kernel_suite_sweeps_attention_in_each_dtype_that_runs():
-    fp32_only = dict(bench.build_plan(["kernels"], None, ["fp32"], False, 5, 1))
+    fp32_only = dict(bench_plan.build_plan(["kernels"], None, ["fp32"], False, 5, 1))
     assert {s.get("dtype") for s in fp32_only.values() if s["kind"] == "attention"} == {"fp32"}
-    both = dict(bench.build_plan(["kernels"], None, ["fp32", "bf16"], False, 5, 1))
+    both = dict(bench_plan.build_plan(["kernels"], None, ["fp32", "bf16"], False, 5, 1))
     sweep = {(s["dtype"], s["queries"], s["prefix_len"], s["impl"]) for s in both.values()
              if s["kind"] == "attention"}  # fmt: skip
     assert sweep == {(d, t, p, i) for d in ("fp32", "bf16") for t in (64, 128, 256, 512, 1024)
@@ -310,20 +312,20 @@ def test_rounds_pool_the_timed_iterations_and_rerendering_reads_them_back(tmp_pa
              "tokens_per_s": 50.0, "peak_rss_mb": 10.0}  # fmt: skip
     later = {"times_s": [4.0, 5.0, 6.0], "median_s": 5.0, "min_s": 4.0, "max_s": 6.0,
              "tokens_per_s": 20.0, "peak_rss_mb": 12.0}  # fmt: skip
-    pooled = bench.pool_rounds(first, later)
+    pooled = bench_report.pool_rounds(first, later)
     assert pooled["median_s"] == 3.5 and (pooled["min_s"], pooled["max_s"]) == (1.0, 6.0)
     assert pooled["tokens_per_s"] == pytest.approx(100 / 3.5)  # 100 tokens per iteration
     assert pooled["peak_rss_mb"] == 12.0 and pooled["rounds"] == 2
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     out = tmp_path / "kernels.json"
-    assert bench.run(parser.parse_args(["--quick", "--suite", "kernels", "--rounds", "2",
+    assert bench_cli.run(parser.parse_args(["--quick", "--suite", "kernels", "--rounds", "2",
                                         "--only", "cross-entropy", "--out", str(out)])) == 0  # fmt: skip
     measured = json.loads(out.read_text())
     result = measured["results"]["kernels/cross-entropy/ours"]
     assert len(result["times_s"]) == 10 and result["rounds"] == 2
     again = tmp_path / "again.json"
-    assert bench.run(parser.parse_args(["--from-json", str(out), "--out", str(again)])) == 0
+    assert bench_cli.run(parser.parse_args(["--from-json", str(out), "--out", str(again)])) == 0
     rerendered = json.loads(again.read_text())
     assert rerendered["results"] == measured["results"]
     assert rerendered["comparisons"] == measured["comparisons"]

@@ -285,3 +285,21 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{r['peak_gflops']:.1f} | {r['mfu']:.0%} |")  # fmt: skip
     lines += ["", "## All configurations", "", *_results_table(report["results"]), ""]
     return "\n".join(lines)
+
+
+def pool_rounds(first: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One config's result over two rounds: timed iterations pooled, rates at the new median,
+    the higher memory peaks."""
+    from prefixtune.bench.common import rates, summarise
+
+    if "median_s" not in first or "median_s" not in later:
+        return first if "error" in later else later
+    pooled = {**first, **summarise(first["times_s"] + later["times_s"])}
+    for key in RATE_KEYS:
+        if key in first:  # units per iteration: the same every round
+            pooled.update(rates(pooled, first[key] * first["median_s"], key))
+    for key in ("peak_rss_mb", "step_extra_mb", "live_peak_mb", "live_step_extra_mb"):
+        if key in first and key in later:
+            pooled[key] = max(first[key], later[key])
+    pooled["rounds"] = first.get("rounds", 1) + 1
+    return pooled

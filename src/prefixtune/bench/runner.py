@@ -1,5 +1,5 @@
 """Worker processes of `prefixtune bench`: run one configuration per process (forked from a
-server that has only imported the libraries, or a fresh `python -m prefixtune.bench.suites --worker`),
+server that has only imported the libraries, or a fresh `python -m prefixtune.bench.runner --worker`),
 and the exact-malloc memory pass."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Runner:
     def _subprocess(self, spec: dict[str, Any]) -> dict[str, Any]:
         import subprocess
 
-        command = [sys.executable, "-m", "prefixtune.bench.suites", "--worker", json.dumps(spec)]
+        command = [sys.executable, "-m", "prefixtune.bench.runner", "--worker", json.dumps(spec)]
         if self.threads:
             command += ["--threads", str(self.threads)]
         try:
@@ -150,3 +150,7 @@ def worker_main(argv: list[str]) -> int:
     threads = int(argv[argv.index("--threads") + 1]) if "--threads" in argv else 0
     print(RESULT_MARK + json.dumps(_guarded(spec, threads), default=str), flush=True)
     return 0
+
+
+if __name__ == "__main__":  # `python -m prefixtune.bench.runner --worker SPEC`: one isolated config
+    sys.exit(worker_main(sys.argv))

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "evaluate": ("prefixtune.cli.evaluate", "generate on a split, score, write predictions + metrics",
                  "add_arguments_evaluate", "run_evaluate"),
     "serve": ("prefixtune.serving.app", "serve many prefixes from one model over HTTP"),
-    "bench": ("prefixtune.bench.suites", "measure prefixtune against PEFT (speed, memory, MFU)"),
+    "bench": ("prefixtune.cli.bench", "measure prefixtune against PEFT (speed, memory, MFU)"),
     "bench-serve": ("prefixtune.bench.serve", "serving throughput: mixed batches vs per-prefix"),
     "reproduce": ("prefixtune.experiments.reproduce", "the paper's tables and figures at a chosen scale"),
     "export": ("prefixtune.interop.peft", "export a prefix to another format (PEFT)",
