@@ -12,21 +12,19 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
+from prefixtune.cli.interop import (
+    add_arguments_export,
+    add_arguments_import,
+    run_export,
+    run_import,
+)
 from prefixtune.config import PrefixConfig
 from prefixtune.core.artifact import ArtifactError, FoldedPrefix, load_prefix, save_prefix
 from prefixtune.core.attention import position_ids_for, prefixed_forward
 from prefixtune.core.prefix_encoder import build_encoder
-from prefixtune.interop.peft import (
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
-    add_arguments_export,
-    add_arguments_import,
-    export_peft,
-    import_peft,
-    run_export,
-    run_import,
-    write_model_card,
-)
+from prefixtune.interop.formats import PEFT_CONFIG, PEFT_WEIGHTS
+from prefixtune.interop.model_card import write_model_card
+from prefixtune.interop.peft import export_peft, import_peft
 
 from conftest import tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 

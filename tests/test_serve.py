@@ -455,7 +455,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
 def test_serve_flags_map_onto_serve_config():
     import argparse
 
-    from prefixtune.cli.main import dataclass_from_args
+    from prefixtune.cli.args import dataclass_from_args
     from prefixtune.serving.app import add_arguments
 
     parser = argparse.ArgumentParser()

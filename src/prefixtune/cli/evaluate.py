@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from prefixtune.cli.main import UserError, add_dataclass_arguments
+from prefixtune.cli.args import UserError, add_dataclass_arguments
 from prefixtune.config import GENERATION_PRESETS, GenerateConfig
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from prefixtune.cli.main import UserError, add_dataclass_arguments, dataclass_from_args
+from prefixtune.cli.args import UserError, add_dataclass_arguments, dataclass_from_args
 from prefixtune.config import PrefixConfig, TrainConfig, load_json
 
 

@@ -307,7 +307,7 @@ def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) 
 
 # ---------------------------------------------------------------------------- the command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefixtune.cli.main import add_dataclass_arguments
+    from prefixtune.cli.args import add_dataclass_arguments
 
     add_dataclass_arguments(parser, ServeConfig)
 
@@ -324,7 +324,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from prefixtune.cli.main import dataclass_from_args
+    from prefixtune.cli.args import dataclass_from_args
 
     config = dataclass_from_args(ServeConfig, args)
     if config.prefixes and not Path(config.prefixes).is_dir():
