@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "serve": ("prefixtune.serving.app", "serve many prefixes from one model over HTTP"),
     "bench": ("prefixtune.cli.bench", "measure prefixtune against PEFT (speed, memory, MFU)"),
     "bench-serve": ("prefixtune.cli.bench_serve", "serving throughput: mixed batches vs per-prefix"),
-    "reproduce": ("prefixtune.experiments.reproduce", "the paper's tables and figures at a chosen scale"),
+    "reproduce": ("prefixtune.cli.reproduce", "the paper's tables and figures at a chosen scale"),
     "export": ("prefixtune.cli.interop", "export a prefix to another format (PEFT)",
                "add_arguments_export", "run_export"),
     "import": ("prefixtune.cli.interop", "import a prefix from another format (PEFT)",

@@ -1,70 +1,43 @@
-"""Reproduce the paper's findings: `prefixtune reproduce <experiment> --scale small`.
-
-Experiments: lowdata (Figure 3), length (Figure 4), init (Figure 5), table1 and table1-webnlg
-(Table 1 layout), xsum and xsum-sports (Tables 2-3: summarisation and news-to-sports). Each
-writes docs/results/<experiment>/{results.csv, results.md, <name>.png};
-runs live under runs/reproduce/<experiment>-<scale>/ and finished ones are never redone.
-"""
+"""Tables (markdown, CSV) and plots of an experiment's runs, in the paper's layout."""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from prefixtune.config import ConfigError
 from prefixtune.core.atomic_files import atomic_write_text
-from prefixtune.experiments.grid import (
-    GRIDS,
-    SCALES,
-    RunSpec,
-    check_experiment,
-    finished_row,
-    markdown_table,
-    run_one,
-    summarise,
-    write_results,
-)
+from prefixtune.experiments.grid import markdown_table, summarise, write_results
 
 # What each experiment groups by and plots on its x axis.
 GROUPING = {"lowdata": ("size", "method"), "length": ("length", None), "init": ("init", None),
             "table1": ("method", None), "table1-webnlg": ("method", None),
             "xsum": ("method", None), "xsum-sports": ("method", None)}  # fmt: skip
+
+
 METRICS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all", "TER_all"),
            "xsum": ("ROUGE_1", "ROUGE_2", "ROUGE_L"),
            "xsum-sports": ("ROUGE_1", "ROUGE_2", "ROUGE_L")}  # fmt: skip
+
+
 # Experiments reported as the paper's tables: one row per method, its share of trainable
 # parameters, then the paper's columns (Table 1: E2E; WebNLG seen/unseen/all; Tables 2-3: ROUGE).
 WEBNLG_COLUMNS = tuple(f"{m}_{c}" for m in ("BLEU", "METEOR", "TER")
                        for c in ("seen", "unseen", "all"))  # fmt: skip
+
+
 TABLE_LAYOUT = {"table1": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
                 "table1-webnlg": WEBNLG_COLUMNS,
                 "xsum": METRICS["xsum"], "xsum-sports": METRICS["xsum"]}  # fmt: skip
+
+
 TABLE_NOTE = (
     "One seed; test subset, best-dev-loss weights. % params: what the saved artifact keeps per "
     "task, as a share of the base model (the paper's column; a prefix is its folded keys/values); "
     "% trained: what the optimizer updated (a prefix's MLP reparameterisation included)."
 )
+
+
 SEEDS_NOTE = "Means and standard deviations across seeds; test subset, best-dev-loss prefix."
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", choices=sorted(GRIDS), help="which table or figure")
-    parser.add_argument("--scale", default="small", choices=sorted(SCALES),
-                        help="tiny (smoke), small (this CPU, ~1 h), full (GPU)")  # fmt: skip
-    parser.add_argument("--model", default="", help="base model (default: embedded SmolLM2-135M)")
-    parser.add_argument("--runs", default="runs/reproduce", help="where the runs are kept")
-    parser.add_argument("--results", default="docs/results", help="where tables and plots go")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the tables and plot from the runs finished so "
-                             "far (marked partial when some are missing)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs trained at once, each in its own process with cores/jobs "
-                             "threads (CPU: one per core is fastest; GPU: keep 1)")  # fmt: skip
 
 
 def plot(table: list[dict[str, Any]], x: str, series: str | None, metric: str, path: Path) -> None:
@@ -180,59 +153,3 @@ def _split(rows: list[dict[str, Any]], series: str | None) -> list[list[dict[str
     for row in rows:
         groups.setdefault(row[series], []).append(row)
     return list(groups.values())
-
-
-def run(args: argparse.Namespace) -> int:
-    check_experiment(args.experiment, args.scale)
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    scale = SCALES[args.scale]
-    root = Path(args.runs) / f"{args.experiment}-{args.scale}"
-    grid = GRIDS[args.experiment](scale)
-    if args.report_only:
-        rows = [row for spec in grid if (row := finished_row(spec, root)) is not None]
-        if not rows:
-            raise ConfigError(f"{root}: no finished runs to report (run without --report-only)")
-    elif args.jobs == 1:
-        rows = []
-        for index, spec in enumerate(grid, 1):
-            print(f"[{index}/{len(grid)}] {spec.name}", flush=True)
-            rows.append(run_one(spec, root, scale, args.model))
-    else:
-        rows = run_parallel(grid, root, scale, args.model, args.jobs)
-    command = f"prefixtune reproduce {args.experiment} --scale {args.scale}"
-    if args.model:
-        command += f" --model {args.model}"
-    out = Path(args.results) / args.experiment
-    print(report(args.experiment, args.scale, rows, out, command, planned=len(grid)))
-    return 0
-
-
-def run_parallel(grid: list[RunSpec], root: Path, scale: dict[str, Any], model: str,
-                 jobs: int) -> list[dict[str, Any]]:  # fmt: skip
-    """Every run of `grid` in `jobs` spawned processes; rows come back in grid order.
-
-    A failed run stops new ones from starting; those already running finish (and keep their
-    result.json), then the first error is raised.
-    """
-    jobs = min(jobs, len(grid))
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)  # the cores this process may use
-    rows: dict[str, dict[str, Any]] = {}
-    context = get_context("spawn")  # torch and fork do not mix
-    setup = (threads, logging.getLogger().getEffectiveLevel())
-    with ProcessPoolExecutor(jobs, context, initializer=_set_up_worker, initargs=setup) as pool:
-        futures = {pool.submit(run_one, spec, root, scale, model): spec.name for spec in grid}
-        for done, future in enumerate(as_completed(futures), 1):
-            if future.exception() is not None:
-                pool.shutdown(cancel_futures=True)
-                raise future.exception()
-            rows[futures[future]] = future.result()
-            print(f"[{done}/{len(grid)}] {futures[future]} done", flush=True)
-    return [rows[spec.name] for spec in grid]
-
-
-def _set_up_worker(threads: int, log_level: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(message)s")
