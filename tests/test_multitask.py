@@ -23,7 +23,8 @@ from prefixtune.methods.multitask import (
     with_task_ids,
 )
 from prefixtune.methods.objective import target_positions
-from prefixtune.methods.registry import PrefixMethod, build_method
+from prefixtune.methods.prefix_method import PrefixMethod
+from prefixtune.methods.registry import build_method
 from prefixtune.training.trainer import Trainer
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2, tiny_llama

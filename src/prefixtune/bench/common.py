@@ -124,7 +124,7 @@ def build_ours(model, prefix_len: int, reparam: bool, mlp_hidden: int, seed: int
     """A PrefixMethod whose MLP has PEFT's shape (embedding width = PEFT's token_dim)."""
     from prefixtune.config import PrefixConfig
     from prefixtune.core.prefix_encoder import build_encoder
-    from prefixtune.methods.registry import PrefixMethod
+    from prefixtune.methods.prefix_method import PrefixMethod
 
     config = PrefixConfig(length=prefix_len, reparam=reparam, mlp_hidden=mlp_hidden,
                           embed_dim=peft_token_dim(model))  # fmt: skip

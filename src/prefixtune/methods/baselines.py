@@ -56,11 +56,12 @@ from prefixtune.core.attention import PrefixKV, prefixed_forward
 from prefixtune.core.models import freeze, is_encoder_decoder, model_id
 from prefixtune.core.prefix_encoder import build_encoder, model_shapes
 from prefixtune.methods import modules as parts
+from prefixtune.methods.base import Method
 from prefixtune.methods.modules import (
     infix_prompt_inputs,  # re-exported for the generator (module docstring)
 )
 from prefixtune.methods.objective import hidden_states, target_loss
-from prefixtune.methods.registry import Method, PrefixMethod, register
+from prefixtune.methods.prefix_method import PrefixMethod
 
 METHOD_JSON, FORMAT = "method.json", "prefixtune-method"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -259,32 +260,31 @@ def _decoder_only(model: PreTrainedModel, method: str) -> None:
                           f"{type(model).__name__} is an encoder-decoder")  # fmt: skip
 
 
-@register("finetune")
-def _finetune(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> FinetuneMethod:
+def build_finetune(
+    model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any
+) -> FinetuneMethod:
     return FinetuneMethod(model)
 
 
-@register("ft-top2")
-def _top2(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> TopLayersMethod:
+def build_top2(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> TopLayersMethod:
     return TopLayersMethod(model, count=2)
 
 
-@register("adapter")
-def _adapter(model, tokenizer, prefix: PrefixConfig, seed: int = 0,
+def build_adapter(model, tokenizer, prefix: PrefixConfig, seed: int = 0,
              adapter_share: float = 0.001, **_: Any) -> AdapterMethod:  # fmt: skip
     torch.manual_seed(seed)
     return AdapterMethod(model, parts.build_adapters(model, adapter_share), adapter_share)
 
 
-@register("embedding")
-def _embedding(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> EmbeddingMethod:
+def build_embedding(
+    model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any
+) -> EmbeddingMethod:
     _decoder_only(model, "embedding")
     torch.manual_seed(seed)
     return EmbeddingMethod(model, parts.initial_embeddings(model, prefix, tokenizer))
 
 
-@register("infix")
-def _infix(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> InfixMethod:
+def build_infix(model, tokenizer, prefix: PrefixConfig, seed: int = 0, **_: Any) -> InfixMethod:
     _decoder_only(model, "infix")
     return InfixMethod(model, build_encoder(model, prefix, tokenizer, seed=seed))
 

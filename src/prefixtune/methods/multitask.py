@@ -42,8 +42,8 @@ from prefixtune.core.attention import PrefixKV
 from prefixtune.core.models import model_id
 from prefixtune.core.prefix_encoder import PrefixEncoder, build_encoder, hidden_size_of
 from prefixtune.data.encoding import Encoded, Example
+from prefixtune.methods.base import Method
 from prefixtune.methods.objective import hidden_states, target_loss
-from prefixtune.methods.registry import Method, register
 
 TASK_KEY = "task_ids"
 ARTIFACT_DIR = "prefixes"
@@ -198,8 +198,7 @@ class MultiPrefixMethod(Method):
         atomic_write_json(directory / INDEX_JSON, index)
 
 
-@register("multitask")
-def _multitask(model, tokenizer, prefix: PrefixConfig, seed: int = 0,
+def build(model, tokenizer, prefix: PrefixConfig, seed: int = 0,
                tasks: list[Task] | list[str] = (), **_: Any) -> MultiPrefixMethod:  # fmt: skip
     """Task i's encoder is initialised with seed + i (task 0 = the single-task run's init)."""
     if not tasks:

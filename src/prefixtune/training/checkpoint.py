@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from prefixtune.core.atomic_files import atomic_write_dir
-from prefixtune.methods.registry import Method
+from prefixtune.methods.base import Method
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.pt"

@@ -48,9 +48,10 @@ from prefixtune.data.encoding import (
     load_examples,
     subsample,
 )
+from prefixtune.methods.base import Method
 from prefixtune.methods.multitask import tag, tag_items, task_list, with_task_ids
 from prefixtune.methods.objective import count_tokens, target_positions
-from prefixtune.methods.registry import Method, build_method
+from prefixtune.methods.registry import build_method
 from prefixtune.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.training.distributed import Distributed, from_env
 from prefixtune.training.weight_cast import frozen_weights_in
