@@ -15,7 +15,8 @@ from transformers.cache_utils import DynamicCache
 from prefixtune.config import ConfigError, GenerateConfig, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import ArtifactError
 from prefixtune.core.attention import KVCapture, PrefixKV
-from prefixtune.core.models import enable_gradient_checkpointing, lm_logits
+from prefixtune.core.models import lm_logits
+from prefixtune.core.runtime import enable_gradient_checkpointing
 from prefixtune.data.encoding import builtin_examples, collate, collate_seq2seq, encode
 from prefixtune.generation.engine import generate, left_pad
 from prefixtune.methods import baselines

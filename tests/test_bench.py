@@ -129,7 +129,7 @@ def test_plan_covers_the_issue_matrix():
     assert plan["generate/smollm2/fp32/peft"]["new_tokens"] == 32
     assert {"multitenant/smollm2/fp32/ours", "multitenant/smollm2/fp32/peft-switching",
             "real/smollm2/fp32/ours", "real/smollm2/fp32/peft", "mfu/peak"} <= set(plan)  # fmt: skip
-    from prefixtune.core.models import native_bf16
+    from prefixtune.core.runtime import native_bf16
 
     dtypes, note = bench_plan.resolve_dtypes(["auto"])
     assert dtypes == (["fp32", "bf16"] if native_bf16("cpu") else ["fp32"])

@@ -11,8 +11,8 @@ import torch
 
 from prefixtune.config import ConfigError, GenerateConfig, PrefixConfig
 from prefixtune.core.attention import KVCapture, PrefixKV, prefixed_forward
-from prefixtune.core.models import enable_gradient_checkpointing
 from prefixtune.core.prefix_encoder import build_encoder
+from prefixtune.core.runtime import enable_gradient_checkpointing
 from prefixtune.generation.beam import beam_search
 from prefixtune.generation.engine import (
     generate,

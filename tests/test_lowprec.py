@@ -29,7 +29,7 @@ def prefixed_loss(model, encoder) -> torch.Tensor:
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("name", DECODER_ONLY)
 def test_frozen_weights_cast_once_give_the_same_loss_and_gradients(name, checkpointing):
-    from prefixtune.core.models import enable_gradient_checkpointing
+    from prefixtune.core.runtime import enable_gradient_checkpointing
 
     model = BUILDERS[name]()
     encoder = build_encoder(model, PrefixConfig(length=3))

@@ -10,8 +10,8 @@ import torch
 from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.core import attention
 from prefixtune.core.attention import SITE_ATTR, KVCapture, PrefixKV, prefixed_forward
-from prefixtune.core.models import enable_gradient_checkpointing
 from prefixtune.core.prefix_encoder import build_encoder, capture_kv, model_shapes
+from prefixtune.core.runtime import enable_gradient_checkpointing
 
 from conftest import BUILDERS, DECODER_ONLY, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 

@@ -304,7 +304,7 @@ def environment() -> dict[str, Any]:
 
     import transformers
 
-    from prefixtune.core.models import autocast_dtype, native_bf16
+    from prefixtune.core.runtime import autocast_dtype, native_bf16
 
     try:
         import peft

@@ -43,7 +43,7 @@ QUICK = {
 
 def resolve_dtypes(requested: list[str]) -> tuple[list[str], str | None]:
     """The dtypes to run, and a note when bf16 was left out because the CPU lacks it."""
-    from prefixtune.core.models import native_bf16
+    from prefixtune.core.runtime import native_bf16
 
     dtypes: list[str] = []
     note = None

@@ -53,7 +53,7 @@ def _as_trainer_casts(spec: dict[str, Any], model):
 def _setup(spec: dict[str, Any], model, batch):
     """(loss function, trainable parameters) for one implementation; raises ValueError when the
     implementation refuses the configuration (PEFT prefix tuning + gradient checkpointing)."""
-    from prefixtune.core.models import enable_gradient_checkpointing
+    from prefixtune.core.runtime import enable_gradient_checkpointing
 
     impl, ckpt = spec["impl"], spec.get("checkpointing", False)
     args = (spec["prefix_len"], spec["reparam"], spec["mlp_hidden"], spec.get("seed", 0))
@@ -93,7 +93,7 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         return {"refused": str(err)}
     if spec.get("compile"):
-        from prefixtune.core.models import compiled
+        from prefixtune.core.runtime import compiled
 
         loss_fn = compiled(loss_fn, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None

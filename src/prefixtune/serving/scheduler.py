@@ -30,7 +30,8 @@ import torch
 from transformers import PreTrainedModel
 
 from prefixtune.config import GenerateConfig
-from prefixtune.core.models import compiled_for_decoding, is_encoder_decoder
+from prefixtune.core.models import is_encoder_decoder
+from prefixtune.core.runtime import compiled_for_decoding
 from prefixtune.data.encoding import Encoded, collate_seq2seq
 from prefixtune.generation.continuous import Row, RunningBatch, seedable
 from prefixtune.generation.engine import eval_mode, generate, left_pad

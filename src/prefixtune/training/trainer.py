@@ -30,13 +30,8 @@ from tqdm.auto import tqdm
 from prefixtune import __version__
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
-from prefixtune.core.models import (
-    autocast_dtype,
-    compiled,
-    enable_gradient_checkpointing,
-    is_encoder_decoder,
-    load_model,
-)
+from prefixtune.core.models import is_encoder_decoder, load_model
+from prefixtune.core.runtime import autocast_dtype, compiled, enable_gradient_checkpointing
 from prefixtune.data.encoding import (
     Encoded,
     Example,
