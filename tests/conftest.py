@@ -78,7 +78,7 @@ def make_bpe_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prefixtune.data.encoding import builtin_examples
+    from prefixtune.data.builtin import builtin_examples
 
     corpus = [f"{e.source}\n{e.target}" for e in builtin_examples("train")]
     tok = Tokenizer(models.BPE())

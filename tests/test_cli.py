@@ -8,7 +8,7 @@ import pytest
 
 from prefixtune.cli.main import main
 from prefixtune.core.artifact import load_prefix
-from prefixtune.data.encoding import builtin_examples
+from prefixtune.data.builtin import builtin_examples
 
 
 @pytest.fixture

@@ -14,28 +14,30 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from prefixtune.data import readers as ds
+from prefixtune.data import e2e as e2e_reader
+from prefixtune.data import webnlg as webnlg_reader
+from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import (
-    DATASETS,
     IGNORE_INDEX,
-    SPLITS,
-    DataError,
     Encoded,
-    Example,
     adds_bos,
-    builtin_examples,
     collate,
     collate_seq2seq,
-    data_dir,
     encode,
     length_bucketed_batches,
+    prompt_ids,
+)
+from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.records import (
+    DATASETS,
+    SPLITS,
+    DataError,
+    Example,
+    data_dir,
     linearize_table,
     linearize_triples,
-    load_examples,
-    prompt_ids,
-    subsample,
-    xsum_split_of,
 )
+from prefixtune.data.xsum import xsum_split_of
 
 # ----------------------------------------------------------------------------- fixture writers
 
@@ -653,7 +655,7 @@ needs_real = pytest.mark.skipif(not (REAL / "e2e").is_dir(), reason="real data d
 
 @needs_real
 def test_real_e2e_mapping_reproduces_prefixtuning_valid():
-    ours = [f"{r.source}||{r.refs[0]} " for r in ds._e2e_harvard(REAL, "valid")]
+    ours = [f"{r.source}||{r.refs[0]} " for r in e2e_reader.e2e_harvard(REAL, "valid")]
     theirs = (REAL / "e2e/prefixtuning/src1_valid.txt").read_text(encoding="utf-8").split("\n")
     assert theirs[-1] == ""
     assert len(ours) == len(theirs) - 1 == 4672
@@ -682,7 +684,7 @@ def test_real_counts():
 @needs_real
 def test_real_webnlg_dev_matches_prefixtuning_json():
     entries = json.loads((REAL / "webnlg2017/dev.json").read_text(encoding="utf-8"))["entries"]
-    ours = list(ds._read_webnlg(REAL, "dev"))
+    ours = list(webnlg_reader.read_webnlg(REAL, "dev"))
     assert len(ours) == len(entries) == 872
     for i, (rec, entry) in enumerate(zip(ours, entries, strict=True)):
         e = entry[str(i + 1)]

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from prefixtune.cli.main import main
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.core.artifact import load_encoder, load_prefix
-from prefixtune.data.encoding import builtin_examples
+from prefixtune.data.builtin import builtin_examples
 from prefixtune.methods.multitask import load_prefix_set
 from prefixtune.training.distributed import Distributed
 from prefixtune.training.trainer import Trainer

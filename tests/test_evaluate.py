@@ -10,7 +10,8 @@ import torch
 from prefixtune.cli.main import main
 from prefixtune.config import GenerateConfig, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import ArtifactError, load_prefix
-from prefixtune.data.encoding import builtin_examples, prompt_ids
+from prefixtune.data.builtin import builtin_examples
+from prefixtune.data.encoding import prompt_ids
 from prefixtune.evaluation.predictor import Predictor, evaluate_run
 from prefixtune.generation.engine import generate
 from prefixtune.training.trainer import train
@@ -107,7 +108,8 @@ def test_prefix_for_a_different_base_model_is_refused(run_dir, bpe_tokenizer):
 
 def test_separator_is_kept_from_training_to_inference(task, model_dir, tmp_path):
     from prefixtune.core.models import load_model
-    from prefixtune.data.encoding import encode, load_examples
+    from prefixtune.data.encoding import encode
+    from prefixtune.data.readers import load_examples
 
     model, tokenizer = load_model(str(model_dir))
 
@@ -135,7 +137,7 @@ def test_every_method_evaluates_with_the_same_command(method, task, model_dir, t
     """`evaluate --run` on any method's run gives, item by item, what the loaded artifact
     generates alone, in the run's own prompt format (a non-default separator)."""
     from prefixtune.core.models import load_model
-    from prefixtune.data.encoding import load_examples
+    from prefixtune.data.readers import load_examples
     from prefixtune.methods.baselines import load_method_artifact
 
     out, separator = tmp_path / method, " =>"

@@ -84,7 +84,7 @@ def test_bf16_training_attention_over_few_keys_is_math_attention(monkeypatch):
 
 def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer, monkeypatch):
     from prefixtune.config import TrainConfig
-    from prefixtune.data.encoding import builtin_examples
+    from prefixtune.data.builtin import builtin_examples
     from prefixtune.training import trainer as train_module
     from prefixtune.training.trainer import train
 

@@ -10,7 +10,8 @@ import torch
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import load_encoder
 from prefixtune.core.attention import prefixed_forward
-from prefixtune.data.encoding import builtin_examples, collate, collate_seq2seq, encode
+from prefixtune.data.builtin import builtin_examples
+from prefixtune.data.encoding import collate, collate_seq2seq, encode
 from prefixtune.methods.multitask import (
     TASK_KEY,
     Task,

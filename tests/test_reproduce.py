@@ -7,8 +7,8 @@ import csv
 import pytest
 
 from prefixtune.cli.main import main
-from prefixtune.data.encoding import data_dir, load_examples
-from prefixtune.data.readers import SPLITS
+from prefixtune.data.readers import load_examples
+from prefixtune.data.records import SPLITS, data_dir
 from prefixtune.experiments.grid import SCALES, init_grid, lowdata_grid, summarise, xsum_grid
 
 needs_data = pytest.mark.skipif(not (data_dir() / "e2e").exists(), reason="no E2E data dir")

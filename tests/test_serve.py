@@ -17,7 +17,8 @@ import torch
 from prefixtune.config import GenerateConfig
 from prefixtune.core.artifact import ArtifactError, load_prefix, save_prefix
 from prefixtune.core.prefix_encoder import model_shapes
-from prefixtune.data.encoding import builtin_examples, prompt_ids
+from prefixtune.data.builtin import builtin_examples
+from prefixtune.data.encoding import prompt_ids
 from prefixtune.evaluation.predictor import Predictor
 from prefixtune.generation.engine import generate
 from prefixtune.serving.app import ServeConfig, build_server, create_app

@@ -26,7 +26,8 @@ from prefixtune.config import GenerateConfig
 from prefixtune.core.artifact import save_prefix
 from prefixtune.core.atomic_files import atomic_write_json
 from prefixtune.core.prefix_encoder import capture_kv, word_ids
-from prefixtune.data.encoding import builtin_examples, prompt_ids
+from prefixtune.data.builtin import builtin_examples
+from prefixtune.data.encoding import prompt_ids
 from prefixtune.generation.engine import generate
 from prefixtune.serving.bank import PrefixBank
 from prefixtune.serving.scheduler import Scheduler, pad_prompts

@@ -134,8 +134,9 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _examples(count: int, seed: int):
     """`count` E2E training examples (the shared data), else the built-in toy set (CI)."""
-    from prefixtune.data.encoding import builtin_examples, load_examples, subsample
-    from prefixtune.data.readers import DataError
+    from prefixtune.data.builtin import builtin_examples
+    from prefixtune.data.readers import load_examples, subsample
+    from prefixtune.data.records import DataError
 
     try:
         examples, name = load_examples("e2e", "train"), "e2e/train"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from prefixtune.config import GenerateConfig, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import FoldedPrefix
-from prefixtune.data.encoding import data_dir, load_examples, subsample
+from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.records import data_dir
 from prefixtune.evaluation.predictor import Predictor, score_examples
 from prefixtune.training.trainer import Trainer
 

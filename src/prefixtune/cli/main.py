@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UserError, ConfigError, ArtifactError, ModelLoadError]
     try:
-        from prefixtune.data.readers import DataError
+        from prefixtune.data.records import DataError
     except ImportError:  # pragma: no cover - data module absent
         pass
     else:

@@ -9,8 +9,6 @@ tokens included) and ``Encoded.labels`` the *target* ids (special tokens include
 no -100 inside). The two lists have different lengths; batch them with :func:`collate_seq2seq`,
 whose ``labels`` the model shifts right itself to make its decoder inputs (as HF BART does).
 
-Everything in :mod:`prefixtune.data.readers` is re-exported, so ``from prefixtune.data.encoding import
-load_examples, Example`` works.
 """
 
 from __future__ import annotations
@@ -22,46 +20,7 @@ from typing import Any
 
 import torch
 
-from prefixtune.data.readers import (
-    BUILTIN,
-    DATASETS,
-    SPLITS,
-    WEBNLG_SEEN_CATEGORIES,
-    DataError,
-    Example,
-    builtin_examples,
-    data_dir,
-    linearize_table,
-    linearize_triples,
-    load_examples,
-    subsample,
-    xsum_split_of,
-)
-
-__all__ = [
-    "BUILTIN",
-    "DATASETS",
-    "IGNORE_INDEX",
-    "SPLITS",
-    "WEBNLG_SEEN_CATEGORIES",
-    "DataError",
-    "EncodeStats",
-    "Encoded",
-    "Example",
-    "adds_bos",
-    "builtin_examples",
-    "collate",
-    "collate_seq2seq",
-    "data_dir",
-    "encode",
-    "length_bucketed_batches",
-    "linearize_table",
-    "linearize_triples",
-    "load_examples",
-    "prompt_ids",
-    "subsample",
-    "xsum_split_of",
-]
+from prefixtune.data.records import Example
 
 IGNORE_INDEX = -100
 
@@ -90,9 +49,6 @@ class EncodeStats:
             f"truncated {self.n_source_truncated} of {self.n_examples} sources and "
             f"{self.n_target_truncated} of {self.n_examples} targets to the token limits"
         )
-
-
-# ----------------------------------------------------------------------------- prompts
 
 
 def adds_bos(tokenizer: Any) -> bool:
@@ -146,9 +102,6 @@ def prompt_ids(
     """
     bos, sep = _prompt_parts(tokenizer, separator)
     return _assemble(_ids(tokenizer, [source])[0], bos, sep, max_source_tokens)[0]
-
-
-# ----------------------------------------------------------------------------- encode
 
 
 def _truncate_keep_tail(ids: list[int], max_len: int, n_tail: int) -> list[int]:
@@ -234,9 +187,6 @@ def encode(
     return _encode_decoder_only(
         examples, tokenizer, eos, max_source_tokens, max_target_tokens, separator
     )
-
-
-# ----------------------------------------------------------------------------- batching
 
 
 def _pad(rows: Sequence[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

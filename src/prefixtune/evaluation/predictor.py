@@ -27,15 +27,9 @@ from prefixtune.core.atomic_files import atomic_write_json, atomic_write_text
 from prefixtune.core.attention import PrefixKV
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.prefix_encoder import model_shapes
-from prefixtune.data.encoding import (
-    DATASETS,
-    Encoded,
-    Example,
-    collate_seq2seq,
-    load_examples,
-    prompt_ids,
-    subsample,
-)
+from prefixtune.data.encoding import Encoded, collate_seq2seq, prompt_ids
+from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.records import DATASETS, Example
 from prefixtune.evaluation.metrics import score
 from prefixtune.generation.engine import generate, left_pad
 

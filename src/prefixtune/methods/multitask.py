@@ -41,7 +41,8 @@ from prefixtune.core.atomic_files import atomic_write_json
 from prefixtune.core.attention import PrefixKV
 from prefixtune.core.models import model_id
 from prefixtune.core.prefix_encoder import PrefixEncoder, build_encoder, hidden_size_of
-from prefixtune.data.encoding import Encoded, Example
+from prefixtune.data.encoding import Encoded
+from prefixtune.data.records import Example
 from prefixtune.methods.base import Method
 from prefixtune.methods.objective import hidden_states, target_loss
 

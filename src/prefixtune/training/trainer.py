@@ -32,17 +32,16 @@ from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.runtime import autocast_dtype, compiled, enable_gradient_checkpointing
+from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import (
     Encoded,
-    Example,
-    builtin_examples,
     collate,
     collate_seq2seq,
     encode,
     length_bucketed_batches,
-    load_examples,
-    subsample,
 )
+from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.records import Example
 from prefixtune.methods.base import Method
 from prefixtune.methods.multitask import tag, tag_items, task_list, with_task_ids
 from prefixtune.methods.objective import count_tokens, target_positions
