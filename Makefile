@@ -24,6 +24,7 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: lint
