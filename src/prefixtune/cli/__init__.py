@@ -1,1 +1,2 @@
-"""prefixtune.cli.main."""
+"""The `prefixtune` command: one module per subcommand (parse arguments, call the library,
+print). Nothing in the library imports this package."""

@@ -1,1 +1,1 @@
-"""prefixtune.experiments.grid."""
+"""The paper's tables and figures as grids of runs at a chosen scale, with their reports."""

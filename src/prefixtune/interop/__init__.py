@@ -1,1 +1,1 @@
-"""prefixtune.interop.peft."""
+"""Prefixes to and from other formats (PEFT adapters) and Hub-style model cards."""

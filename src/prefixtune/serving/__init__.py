@@ -1,1 +1,2 @@
-"""prefixtune.serving."""
+"""Many prefixes, one frozen model, mixed batches over HTTP: the bank of folded prefixes, the
+scheduler and the app."""

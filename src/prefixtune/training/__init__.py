@@ -1,1 +1,2 @@
-"""prefixtune.training."""
+"""The plain training loop: trainer, checkpoints, distributed data parallel and the
+frozen-weight cast."""
