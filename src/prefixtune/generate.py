@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .attention import ATTN_NAME, PrefixKV, enable_prefixes, position_ids_for
 from .config import ConfigError, GenerateConfig
 from .kvcache import plain_attention_layers, preallocated_cache
+from .limits import check_rows, position_limit
 from .models import accepts_argument, compiled_for_decoding, is_encoder_decoder
 from .packing import packed_prefill, packing_pays
 
@@ -124,11 +125,12 @@ def select_rows(prefix: PrefixKV, index: Tensor) -> PrefixKV:
     """The prefix of rows `index` (per-row fields indexed; a shared prefix stays shared)."""
     if prefix.rows is None and prefix.visible_from is None:
         return prefix
-    rows, visible = prefix.rows, prefix.visible_from
+    rows, visible, position = prefix.rows, prefix.visible_from, prefix.visible_position
     return replace(
         prefix,
         rows=None if rows is None else rows[index],
         visible_from=None if visible is None else visible[index],
+        visible_position=None if position is None else position[index],
     )
 
 
@@ -274,19 +276,52 @@ def ban_repeated_ngrams(scores: Tensor, history: Tensor, size: int) -> Tensor:
     return scores.masked_fill_(banned[:, :vocab], float("-inf"))
 
 
+MIN_TEMPERATURE = 1e-4
+"""Sampling below this temperature is greedy decoding (its limit); logits / T would overflow."""
+
+
 def pick_tokens(
     logits: Tensor, config: GenerateConfig, generator: torch.Generator | None
 ) -> Tensor:
-    """Greedy argmax, or a sample after temperature and nucleus (top-p) filtering: (R, V) -> (R,)."""
-    if not config.do_sample:
+    """Greedy argmax, or a sample after temperature and nucleus (top-p) filtering: (R, V) -> (R,).
+
+    Robust per row: a temperature under MIN_TEMPERATURE is greedy, the most likely token always
+    survives top-p, and a row whose logits give no valid distribution (NaN, +inf, all -inf)
+    falls back to its argmax instead of failing the other rows' draw.
+    """
+    if not config.do_sample or config.temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)  # (R, V)
+    probs = sampling_probs(logits, config)  # (R, V)
+    valid = invalid_rows(probs).logical_not()  # (R,)
+    tokens = logits.argmax(-1)
+    if bool(valid.all()):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if bool(valid.any()):
+        tokens[valid] = torch.multinomial(probs[valid], 1, generator=generator).squeeze(1)
+    return tokens
+
+
+def sampling_probs(logits: Tensor, config: GenerateConfig) -> Tensor:
+    """softmax(logits / temperature) cut to the top-p nucleus, fp32 (R, V); the most likely
+    token is always kept. Logits are shifted by their row maximum first, so no finite row
+    overflows whatever the temperature."""
+    scores = logits.float()
+    scores = (scores - scores.amax(-1, keepdim=True)) / config.temperature
+    probs = torch.softmax(scores, dim=-1)  # (R, V)
     if config.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= config.top_p, 0.0)
+        cut = before >= config.top_p
+        cut[:, 0] = False  # a top_p below fp32 resolution still keeps the top token
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return probs
+
+
+def invalid_rows(scores: Tensor) -> Tensor:
+    """(R,) bool: rows of logits or probabilities (R, V) holding NaN or +inf, or no finite
+    value at all (every token -inf): rows no token can be chosen from."""
+    return scores.isnan().any(-1) | scores.isposinf().any(-1) | ~(scores > float("-inf")).any(-1)
 
 
 def decode_rows(
@@ -338,7 +373,14 @@ def _check_inputs(
             f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
             f"and {tuple(attention_mask.shape)}"
         )
-    if not enc_dec and input_ids.shape[1] and not bool(attention_mask[:, -1].all()):
+    empty = (attention_mask == 0).all(1).nonzero().flatten().tolist()  # rows without a token
+    if empty:
+        more = f", and so are {len(empty) - 1} more rows" if len(empty) > 1 else ""
+        raise ValueError(
+            f"row {empty[0]} of the batch is empty (no token with attention_mask 1){more}: "
+            "every prompt needs at least one token"
+        )
+    if not enc_dec and not bool(attention_mask[:, -1].all()):
         raise ValueError(
             "decoder-only prompts must be left-padded with a real last token in every row "
             "(build them with prefixtune.generate.left_pad)"
@@ -389,6 +431,11 @@ def generate(
         raise ValueError("prefix_in_cache=True is for decoder-only models")
     if len(input_ids) == 0:
         return []
+    if not enc_dec:  # real tokens take positions after the prefix
+        offsets = None if prefix is None else prefix.row_lengths(len(input_ids), input_ids.device)
+        check_rows(position_limit(model), attention_mask.sum(1), offsets,
+                   new_tokens=config.max_new_tokens,
+                   hint="shorten the prompt (--max-source-tokens) or lower --max-new-tokens")  # fmt: skip
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -398,6 +445,8 @@ def generate(
             if model.config._attn_implementation != ATTN_NAME:
                 enable_prefixes(model)
             prefix = frozen_prefix(prefix, model.dtype, device)
+            if not enc_dec:  # an infix is seen by position ids (sliding layers drop early keys)
+                prefix = prefix.with_visible_positions(attention_mask)
         runner = compiled_for_decoding(model) if config.compile else model
         if enc_dec:
             state, logits = prefill_encoder_decoder(

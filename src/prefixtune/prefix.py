@@ -187,8 +187,15 @@ def build_encoder(
     model: PreTrainedModel, config: PrefixConfig, tokenizer=None, *, seed: int | None = None
 ) -> PrefixEncoder:
     """A PrefixEncoder sized for `model`, initialised; the model is frozen (base weights never
-    train) and its attention routed through prefixtune."""
+    train) and its attention routed through prefixtune.
+
+    Raises `UnsupportedModelError` (a ValueError, from prefixtune.verify) for a model that
+    prefixtune cannot serve faithfully: routing is verified once per model (the model without a
+    prefix is unchanged, prefixtune's attention is in the path at every attention site, and a
+    prefix of the model's own keys/values reproduces it), see `enable_prefixes`.
+    """
     freeze(model)
+    enable_prefixes(model)  # verifies the model (cached on it) before anything is sized for it
     if seed is not None:
         torch.manual_seed(seed)
     shapes = model_shapes(model)
