@@ -19,7 +19,8 @@ from prefixtune.core.models import lm_logits
 from prefixtune.core.runtime import enable_gradient_checkpointing
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import collate, collate_seq2seq, encode
-from prefixtune.generation.engine import generate, left_pad
+from prefixtune.generation.engine import generate
+from prefixtune.generation.prefill import left_pad
 from prefixtune.methods import baselines
 from prefixtune.methods.modules import (
     adapter_parameters,

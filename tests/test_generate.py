@@ -14,12 +14,8 @@ from prefixtune.core.attention import KVCapture, PrefixKV, prefixed_forward
 from prefixtune.core.prefix_encoder import build_encoder
 from prefixtune.core.runtime import enable_gradient_checkpointing
 from prefixtune.generation.beam import beam_search
-from prefixtune.generation.engine import (
-    generate,
-    left_pad,
-    prefill_decoder,
-    prefill_encoder_decoder,
-)
+from prefixtune.generation.engine import generate
+from prefixtune.generation.prefill import left_pad, prefill_decoder, prefill_encoder_decoder
 
 from conftest import BUILDERS, DECODER_ONLY, VOCAB, tiny_bart, tiny_gpt2, tiny_llama
 

@@ -67,19 +67,52 @@ def test_only_frozen_untied_matmul_weights_are_cast_and_an_error_restores_them()
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bf16_training_attention_over_few_keys_is_math_attention(monkeypatch):
-    model = BUILDERS["llama"]()
+BF16_U = 2.0**-8  # bf16 unit roundoff: the relative error of one rounding
+
+
+def loss_and_prefix_grads(model, encoder, autocast: bool) -> tuple[torch.Tensor, list]:
+    """The prefixed loss and the encoder's gradients, under bf16 autocast or in plain fp32."""
+    from prefixtune import prefixed_forward
+
+    encoder.zero_grad()
+    extra = {"decoder_input_ids": X} if model.config.is_encoder_decoder else {}
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        out = prefixed_forward(model, X, torch.ones_like(X), encoder(), **extra).logits
+    loss = out.float().logsumexp(-1).sum()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in encoder.parameters()]
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_bf16_training_attention_over_few_keys_is_math_attention(name, monkeypatch):
+    """The bf16 step's loss and prefix gradients against the fp32 step's. Tolerance: every bf16
+    matmul rounds its operands and result once (u = 2^-8 each), through two layers forward and
+    back; the gradients measured 0.8-2.5u norm-wise from fp32 on these tiny models, PyTorch's
+    own bf16 SDPA kernel 0.4-2.4u. So: within 4u of fp32, and no more than 1u further from fp32
+    than PyTorch's bf16 kernel gets. A wrong gradient is off by O(1), hundreds of u."""
+    model = BUILDERS[name]()
     encoder = build_encoder(model, PrefixConfig(length=3))
+    exact_loss, exact = loss_and_prefix_grads(model, encoder, autocast=False)
     kernels = []
     choose = attention._fastest_kernel
     monkeypatch.setattr(attention, "_fastest_kernel", lambda *a: kernels.append(choose(*a)) or kernels[-1])  # fmt: skip
-    loss = prefixed_loss(model, encoder)
+    loss, grads = loss_and_prefix_grads(model, encoder, autocast=True)
     assert kernels and set(kernels) == {"math"}
     monkeypatch.setattr(attention, "MATH_MAX_KEYS", {})  # PyTorch's bf16 SDPA kernel instead
     kernels.clear()
-    reference = prefixed_loss(model, encoder)
+    sdpa_loss, sdpa = loss_and_prefix_grads(model, encoder, autocast=True)
     assert kernels and set(kernels) == {"sdpa"}
-    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0.0)
+    torch.testing.assert_close(loss, exact_loss, rtol=BF16_U, atol=0.0)
+    torch.testing.assert_close(sdpa_loss, exact_loss, rtol=BF16_U, atol=0.0)
+    for i, (got, theirs, want) in enumerate(zip(grads, sdpa, exact, strict=True)):
+        error, sdpa_error = relative_error(got, want), relative_error(theirs, want)
+        assert error <= 4 * BF16_U, f"prefix grad {i}: {error / BF16_U:.2f}u from fp32"
+        versus = f"{error / BF16_U:.2f}u vs SDPA's {sdpa_error / BF16_U:.2f}u"
+        assert error <= sdpa_error + BF16_U, f"prefix grad {i}: {versus} from fp32"
 
 
 def test_bf16_training_run_leaves_the_base_model_as_it_was(tmp_path, bpe_tokenizer, monkeypatch):

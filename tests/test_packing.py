@@ -6,13 +6,15 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-import prefixtune.generation.engine as generation
+import prefixtune.generation.prefill as generation
 from prefixtune.config import GenerateConfig, PrefixConfig
-from prefixtune.core.attention import PrefixKV, enable_prefixes
+from prefixtune.core.attention import PrefixKV
+from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.prefix_encoder import build_encoder
-from prefixtune.generation.engine import generate, left_pad, prefill_decoder
+from prefixtune.generation.engine import generate
 from prefixtune.generation.kvcache import PreallocatedLayer
 from prefixtune.generation.packing import packing_pays
+from prefixtune.generation.prefill import left_pad, prefill_decoder
 
 from conftest import BUILDERS
 

@@ -30,6 +30,8 @@ from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_ll
 LENGTHS = (1, 3, 5, 2, 4, 6, 2, 3)  # eight tenants, mixed prefix lengths
 GREEDY = GenerateConfig(max_new_tokens=8)
 SOURCES = [e.source for e in builtin_examples("dev")[:8]]
+ADMIN_TOKEN = "s3cret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # admin endpoints are off without a token
 
 
 def random_prefix(shapes, length: int, scale: float = 2.0) -> dict[str, torch.Tensor]:
@@ -65,7 +67,8 @@ def served(tmp_path_factory, bpe_tokenizer):
     root = tmp_path_factory.mktemp("prefixes")
     config = ServeConfig(model=str(model_dir), prefixes=str(root), max_batch_size=8,
                          max_wait_ms=20, max_input_tokens=100, max_new_tokens_limit=32,
-                         device="cpu")  # fmt: skip
+                         device="cpu", admin_token=ADMIN_TOKEN,
+                         allow_any_prefix_path=True)  # tests hot-load from tmp dirs  # fmt: skip
     server = build_server(config)  # loads the model; prefixes are written next
     ids = save_prefixes(root, server.model)
     save_prefix(root / "run7" / "prefix", random_prefix(model_shapes(server.model), 3),
@@ -308,15 +311,23 @@ def test_hot_load_while_serving_and_bad_artifacts(served, tmp_path):
         busy = [asyncio.create_task(client.post("/v1/generate", json=payload)) for _ in range(6)]
         await asyncio.sleep(0)
         loaded = await client.post(
-            "/v1/admin/prefixes", json={"id": "fresh", "path": str(tmp_path / "fresh")}
+            "/v1/admin/prefixes",
+            json={"id": "fresh", "path": str(tmp_path / "fresh")},
+            headers=ADMIN,
         )
         again = await client.post(
-            "/v1/admin/prefixes", json={"id": "fresh", "path": str(tmp_path / "fresh")}
+            "/v1/admin/prefixes",
+            json={"id": "fresh", "path": str(tmp_path / "fresh")},
+            headers=ADMIN,
         )
         alien = await client.post(
-            "/v1/admin/prefixes", json={"id": "alien", "path": str(tmp_path / "alien")}
+            "/v1/admin/prefixes",
+            json={"id": "alien", "path": str(tmp_path / "alien")},
+            headers=ADMIN,
         )
-        missing = await client.post("/v1/admin/prefixes", json={"id": "nothing-here"})
+        missing = await client.post(
+            "/v1/admin/prefixes", json={"id": "nothing-here"}, headers=ADMIN
+        )
         used = await client.post("/v1/generate", json={"prefix": "fresh", "input": SOURCES[0],
                                                        "max_new_tokens": 8})  # fmt: skip
         listing = await client.get("/v1/prefixes")
@@ -357,8 +368,9 @@ def test_bad_requests_get_clear_errors(served):
             "extra": await post("/v1/generate", json={"input": "x", "beams": 2}),
             "sample_beam": await post("/v1/generate", json={"input": "x", "do_sample": True,
                                                             "num_beams": 2}),
-            "bad_id": await post("/v1/admin/prefixes", json={"id": "../up", "path": "/tmp"}),
-            "unload": await client.delete("/v1/admin/prefixes/nope"),
+            "bad_id": await post("/v1/admin/prefixes", json={"id": "../up", "path": "/tmp"},
+                                 headers=ADMIN),
+            "unload": await client.delete("/v1/admin/prefixes/nope", headers=ADMIN),
         }  # fmt: skip
 
     r = call(server, body)
@@ -382,22 +394,18 @@ def test_context_limit_names_the_positions(served):
 
 
 def test_admin_token_guards_hot_loading(served):
-    server, _, _ = served
-    server.config.admin_token = "s3cret"
-    try:
+    server, _, _ = served  # the fixture's server has --admin-token s3cret
 
-        async def body(client):
-            denied = await client.post("/v1/admin/prefixes", json={"id": "p0", "path": "/x"})
-            allowed = await client.post(
-                "/v1/admin/prefixes",
-                json={"id": "p0", "path": "/x"},
-                headers={"Authorization": "Bearer s3cret"},
-            )
-            return denied, allowed
+    async def body(client):
+        denied = await client.post("/v1/admin/prefixes", json={"id": "p0", "path": "/x"})
+        allowed = await client.post(
+            "/v1/admin/prefixes",
+            json={"id": "p0", "path": "/x"},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        return denied, allowed
 
-        denied, allowed = call(server, body)
-    finally:
-        server.config.admin_token = ""
+    denied, allowed = call(server, body)
     assert denied.status_code == 401
     assert allowed.status_code == 409  # past the guard: p0 exists
 
@@ -457,7 +465,7 @@ def test_serve_flags_map_onto_serve_config():
     import argparse
 
     from prefixtune.cli.args import dataclass_from_args
-    from prefixtune.serving.app import add_arguments
+    from prefixtune.cli.serve import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

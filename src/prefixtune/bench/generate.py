@@ -40,7 +40,8 @@ def _setup(spec: dict[str, Any]):
 
 def _ours(model, rows, prefix_kv, new_tokens: int, pad: int, compile: bool = False):
     from prefixtune.config import GenerateConfig
-    from prefixtune.generation.engine import generate, left_pad
+    from prefixtune.generation.engine import generate
+    from prefixtune.generation.prefill import left_pad
 
     ids, mask = left_pad(rows, pad)
     config = GenerateConfig(max_new_tokens=new_tokens, compile=compile)
@@ -48,7 +49,7 @@ def _ours(model, rows, prefix_kv, new_tokens: int, pad: int, compile: bool = Fal
 
 
 def _peft_generate(peft_model, rows, new_tokens: int, pad: int) -> list[list[int]]:
-    from prefixtune.generation.engine import left_pad
+    from prefixtune.generation.prefill import left_pad
 
     ids, mask = left_pad(rows, pad)
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,

@@ -18,10 +18,24 @@ from prefixtune.config import GENERATION_PRESETS, GenerateConfig
 
 
 def _add_decoding(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+                        for name, values in sorted(GENERATION_PRESETS.items()))  # fmt: skip
     parser.add_argument("--preset", default=default_preset, choices=sorted(GENERATION_PRESETS),
-                        help=f"decoding preset (default: {default_preset})")  # fmt: skip
+                        help=f"decoding preset, which explicit flags override ({presets}) "
+                             f"(default: {default_preset})")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="inputs per generation batch")
     add_dataclass_arguments(parser, GenerateConfig)
+    _state_preset_defaults(parser, default_preset)
+
+
+def _state_preset_defaults(parser: argparse.ArgumentParser, preset: str) -> None:
+    """Help texts give the value a flag left out really takes: the default preset's where it
+    sets the field (GenerateConfig's own default is shown otherwise)."""
+    values = GENERATION_PRESETS[preset]
+    for action in parser._actions:  # argparse has no public way to edit a help text
+        if action.dest in values and action.help:
+            text = action.help.rsplit(" (default: ", 1)[0]
+            action.help = f"{text} (default: {values[action.dest]!r}, from --preset {preset})"
 
 
 def _generate_config(args: argparse.Namespace) -> GenerateConfig:

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                  "add_arguments_generate", "run_generate"),
     "evaluate": ("prefixtune.cli.evaluate", "generate on a split, score, write predictions + metrics",
                  "add_arguments_evaluate", "run_evaluate"),
-    "serve": ("prefixtune.serving.app", "serve many prefixes from one model over HTTP"),
+    "serve": ("prefixtune.cli.serve", "serve many prefixes from one model over HTTP"),
     "bench": ("prefixtune.cli.bench", "measure prefixtune against PEFT (speed, memory, MFU)"),
     "bench-serve": ("prefixtune.cli.bench_serve", "serving throughput: mixed batches vs per-prefix"),
     "reproduce": ("prefixtune.cli.reproduce", "the paper's tables and figures at a chosen scale"),

@@ -32,6 +32,7 @@ PREFIX_TENSORS, PREFIX_JSON = "prefix.safetensors", "prefix.json"
 RUN_ARTIFACT = "prefix"  # a run dir keeps its artifact here (train.ARTIFACT_DIR)
 ENCODER_TENSORS, ENCODER_JSON = "encoder.safetensors", "encoder.json"
 _SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAX_JSON_BYTES = 16 << 20  # a prefix.json is a few kB; refuse to read a huge one
 
 
 class ArtifactError(ValueError):
@@ -115,18 +116,50 @@ def save_prefix(
     return directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (after links); FIFOs and devices would block or never end."""
     if not path.exists():
         raise ArtifactError(f"{path}: not found (is {path.parent} a prefix directory?)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not a regular file (a FIFO, device or directory)")
+    return path
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} (JSON allows only finite numbers)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of valid UTF-8 text without NaN/Infinity (anything else: ArtifactError)."""
+    _regular_file(path)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{path}: larger than {MAX_JSON_BYTES} bytes")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        json.dumps(data, allow_nan=False, ensure_ascii=False).encode("utf-8")  # no lone \ud800
+    except UnicodeError as err:
+        raise ArtifactError(f"{path}: not valid UTF-8 text ({err.reason})") from None
+    except ValueError as err:  # JSONDecodeError included
         raise ArtifactError(f"{path}: corrupt JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: not a JSON object (found a {type(data).__name__})")
+    return data
+
+
+def _check_kv(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Folded prefix tensors: at least one kind, each (L, 2, H_kv, P, D) with P >= 1."""
+    if not tensors:
+        raise ArtifactError(f"{path}: holds no tensors")
+    for kind, t in tensors.items():
+        if t.dim() != 5 or t.shape[1] != 2:
+            raise ArtifactError(f"{path}: '{kind}' has shape {tuple(t.shape)}; a folded prefix "
+                                "has 5 dimensions (layers, 2, kv heads, positions, head dim)")  # fmt: skip
+        if t.shape[3] == 0 or t.numel() == 0:
+            raise ArtifactError(f"{path}: '{kind}' has no positions (shape {tuple(t.shape)})")
 
 
 def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, Tensor]:
-    if not path.exists():
-        raise ArtifactError(f"{path}: not found")
+    _regular_file(path)
     if expected_sha and sha256_file(path) != expected_sha:
         raise ArtifactError(f"{path}: checksum mismatch (file truncated, corrupt or replaced)")
     try:
@@ -142,6 +175,7 @@ def load_prefix(directory: str | Path) -> FoldedPrefix:
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{directory / PREFIX_JSON}: not a prefixtune prefix (format field)")
     tensors = _read_tensors(directory / PREFIX_TENSORS, meta.get("sha256"))
+    _check_kv(directory / PREFIX_TENSORS, tensors)
     kv = {kind: t.float() for kind, t in tensors.items()}
     folded = FoldedPrefix(kv, meta)
     if _shapes_json(folded.shapes()) != meta.get("shapes"):

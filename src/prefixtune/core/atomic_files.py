@@ -12,14 +12,32 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process's umask, read from /proc where it is there (Linux), else by setting it
+    and back (which another thread creating a file meanwhile could see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`.
+
+    The file gets the mode a plain open() would give it (0o666 less the umask), not the
+    temp file's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +68,8 @@ def atomic_write_dir(directory: str | Path, write: Callable[[Path], None]) -> Pa
     """Fill a temp directory beside `directory`, then swap it in by renames.
 
     The previous version stays under `.NAME.old` until the swap is done, so a crash leaves
-    either the old or the new directory complete, never a half-written one.
+    either the old or the new directory complete, never a half-written one. The directory gets
+    the mode mkdir would give it (0o777 less the umask), not the temp directory's 0o700.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +77,7 @@ def atomic_write_dir(directory: str | Path, write: Callable[[Path], None]) -> Pa
     old = directory.with_name(f".{directory.name}.old")
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~umask())
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
             os.replace(directory, old)

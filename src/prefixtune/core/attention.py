@@ -10,7 +10,7 @@ prefixes and the cache holds real tokens only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,17 @@ class PrefixKV:
     visible_from: (B,) long or None. When set, only queries at sequence index >= visible_from
               see these keys/values (an infix [x; INFIX; y]: y sees it, x does not). Indices
               count the padded sequence including any cached tokens.
+    visible_position: (B,) long or None: with `visible_from`, the position id of the first
+              query that sees the keys/values (`with_visible_positions` computes it). Attention
+              calls that carry position ids then decide by those: a sliding-window cache keeps
+              only the window's keys, so there a query's index is not its index in the sequence.
     """
 
     kv: dict[str, Tensor]
     rows: Tensor | None = None
     valid: Tensor | None = None
     visible_from: Tensor | None = None
+    visible_position: Tensor | None = None
 
     def layer(self, site: Site, batch: int) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """This layer's (keys, values, valid) for a batch of B rows, or None if no prefix here."""
@@ -88,12 +93,39 @@ class PrefixKV:
             valid = valid.to(next(iter(kv.values())).device)
         return cls(kv, rows, valid)
 
-    def query_visibility(self, t_len: int, s_len: int) -> Tensor | None:
-        """(B, 1, T, 1) bool: which queries may see the prefix (None: all of them)."""
+    def query_visibility(
+        self, t_len: int, s_len: int, position_ids: Tensor | None = None
+    ) -> Tensor | None:
+        """(B, 1, T, 1) bool: which queries may see the prefix (None: all of them).
+
+        By position id where `visible_position` is set and the call's (B or 1, T) position ids
+        are at hand (right in sliding-window layers too); else by index, numbering the T queries
+        as the last of the S keys (right while the cache holds every key).
+        """
         if self.visible_from is None:
             return None
-        index = torch.arange(s_len - t_len, s_len, device=self.visible_from.device)  # (T,)
-        return (index[None, :] >= self.visible_from[:, None])[:, None, :, None]
+        usable = position_ids is not None and position_ids.dim() == 2
+        if self.visible_position is not None and usable and position_ids.shape[-1] == t_len:
+            threshold = self.visible_position
+            seen = position_ids.to(threshold.device) >= threshold[:, None]  # (B, T)
+        else:
+            index = torch.arange(s_len - t_len, s_len, device=self.visible_from.device)  # (T,)
+            seen = index[None, :] >= self.visible_from[:, None]  # (B, T)
+        return seen[:, None, :, None]
+
+    def with_visible_positions(self, attention_mask: Tensor) -> PrefixKV:
+        """This infix with `visible_position` set for (B, T) prompts: the position id of the
+        token at `visible_from` (real tokens before it, plus the row's prefix length), which
+        every later token, generated ones included, reaches or passes. No infix: unchanged."""
+        if self.visible_from is None:
+            return self
+        mask = attention_mask.long()
+        device = mask.device
+        start = self.visible_from.to(device).clamp(max=mask.shape[1])[:, None]  # (B, 1)
+        before = torch.arange(mask.shape[1], device=device)[None, :] < start  # (B, T)
+        real_before = (mask * before).sum(-1)  # (B,)
+        position = real_before + self.row_lengths(mask.shape[0], device)
+        return replace(self, visible_position=position.to(self.visible_from.device))
 
     def row_lengths(self, batch: int, device: torch.device) -> Tensor:
         """(B,) number of real prefix positions per row (the position offset of real tokens)."""
@@ -166,7 +198,9 @@ def prefix_attention(
         if layer is not None:
             p_key, p_value, valid = layer  # (B, H_kv, P, D) each; valid (B, P) or None
             causal = bool(getattr(module, "is_causal", False))
-            visible = prefix_kv.query_visibility(query.shape[2], key.shape[2])
+            visible = prefix_kv.query_visibility(
+                query.shape[2], key.shape[2], kwargs.get("position_ids")
+            )
             attention_mask = _extend_mask(
                 attention_mask, valid, query, key, p_key.shape[2], causal, visible
             )
@@ -308,9 +342,8 @@ def _site_of(name: str, module: torch.nn.Module, encoder_decoder: bool) -> Site 
     return Site("decoder", layer)
 
 
-def enable_prefixes(model: PreTrainedModel) -> dict[str, int]:
-    """Route the model's attention through `prefix_attention`; returns layers per attention kind."""
-    register()
+def tag_sites(model: PreTrainedModel) -> dict[str, int]:
+    """Mark each attention module with its Site; returns layers per attention kind."""
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     layers: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -318,11 +351,6 @@ def enable_prefixes(model: PreTrainedModel) -> dict[str, int]:
         if site is not None:
             setattr(module, SITE_ATTR, site)
             layers[site.kind] = max(layers.get(site.kind, 0), site.layer + 1)
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__}: found no attention modules to attach prefixes to"
-        )
-    model.set_attn_implementation(ATTN_NAME)
     return layers
 
 

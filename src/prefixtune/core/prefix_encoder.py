@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from prefixtune.config import ConfigError, PrefixConfig
-from prefixtune.core.attention import KVCapture, PrefixKV, enable_prefixes
+from prefixtune.core.attention import KVCapture, PrefixKV
+from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import freeze
 
 
@@ -187,8 +188,15 @@ def build_encoder(
     model: PreTrainedModel, config: PrefixConfig, tokenizer=None, *, seed: int | None = None
 ) -> PrefixEncoder:
     """A PrefixEncoder sized for `model`, initialised; the model is frozen (base weights never
-    train) and its attention routed through prefixtune."""
+    train) and its attention routed through prefixtune.
+
+    Raises `UnsupportedModelError` (a ValueError, from prefixtune.core.verify) for a model that
+    prefixtune cannot serve faithfully: routing is verified once per model (the model without a
+    prefix is unchanged, prefixtune's attention is in the path at every attention site, and a
+    prefix of the model's own keys/values reproduces it), see `enable_prefixes`.
+    """
     freeze(model)
+    enable_prefixes(model)  # verifies the model (cached on it) before anything is sized for it
     if seed is not None:
         torch.manual_seed(seed)
     shapes = model_shapes(model)

@@ -13,9 +13,11 @@ whose ``labels`` the model shifts right itself to make its decoder inputs (as HF
 
 from __future__ import annotations
 
+import bisect
+import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -291,3 +293,59 @@ def length_bucketed_batches(
         batches.extend(_split_by_tokens(part, lengths, batch_size, max_tokens))
     rng.shuffle(batches)
     return batches
+
+
+@dataclass
+class Batches:
+    """A training run's micro-batches: length-bucketed, reshuffled per epoch, numbered across
+    the run epoch after epoch; `get(m)` collates micro-batch m on demand.
+
+    Epoch e's batches are ``length_bucketed_batches(..., seed=seed + e)``. With ``max_tokens``
+    each epoch's shuffle gives its own number of batches, so epoch e starts where epoch e-1
+    ended: ``_starts`` holds those first indices, counted from the seeded plans as far as asked.
+    """
+
+    items: list[Encoded]
+    collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]
+    batch_size: int
+    seed: int = 0
+    max_tokens: int = 0  # rows x longest row per batch (0: no cap)
+    _epoch: int = -1
+    _order: list[list[int]] = field(default_factory=list)
+    _starts: list[int] = field(default_factory=lambda: [0])  # _starts[e]: epoch e's first batch
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            raise ValueError("no items to batch")
+        self.lengths = [len(it.input_ids) + len(it.labels) for it in self.items]
+        self.per_epoch = self.start(1)  # epoch 0's batches (every epoch's without a token cap)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return length_bucketed_batches(self.lengths, self.batch_size, seed=self.seed + epoch,
+                                       max_tokens=self.max_tokens or None)  # fmt: skip
+
+    def start(self, epoch: int) -> int:
+        """Index of epoch `epoch`'s first micro-batch (= micro-batches in the epochs before)."""
+        while len(self._starts) <= epoch:
+            self._starts.append(self._starts[-1] + len(self._batches(len(self._starts) - 1)))
+        return self._starts[epoch]
+
+    def total(self, epochs: float) -> int:
+        """Micro-batches in `epochs` passes; a fractional last pass takes that share of its
+        epoch's batches, rounded up."""
+        whole = math.floor(epochs)
+        part = self.start(whole + 1) - self.start(whole) if epochs > whole else 0
+        return self.start(whole) + math.ceil((epochs - whole) * part)
+
+    def epoch_of(self, index: int) -> int:
+        """The epoch micro-batch `index` belongs to."""
+        while self._starts[-1] <= index:  # count one more epoch
+            self.start(len(self._starts))
+        return bisect.bisect_right(self._starts, index) - 1
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `index` of the run, collated."""
+        epoch = self.epoch_of(index)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._batches(epoch)
+        return self.collate([self.items[i] for i in self._order[index - self._starts[epoch]]])

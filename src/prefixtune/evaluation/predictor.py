@@ -25,13 +25,15 @@ from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.artifact import FoldedPrefix, check_fits, trained_separator
 from prefixtune.core.atomic_files import atomic_write_json, atomic_write_text
 from prefixtune.core.attention import PrefixKV
+from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.prefix_encoder import model_shapes
 from prefixtune.data.encoding import Encoded, collate_seq2seq, prompt_ids
 from prefixtune.data.readers import load_examples, subsample
 from prefixtune.data.records import DATASETS, Example
 from prefixtune.evaluation.metrics import score
-from prefixtune.generation.engine import generate, left_pad
+from prefixtune.generation.engine import generate
+from prefixtune.generation.prefill import left_pad
 
 if TYPE_CHECKING:
     from prefixtune.methods.baselines import Loaded
@@ -96,11 +98,27 @@ class Predictor:
             return self.loaded.prompt_inputs(mask)[0]
         return None if self.prefix is None else self.prefix.to_prefix_kv(self.model.device)
 
+    def _check_positions(self, prompts: list[list[int]], config: GenerateConfig) -> None:
+        """Refuse, before generating anything, the longest prompt if it + the prefix + the new
+        tokens would run past the model's positions; names the input (1-based)."""
+        limit = position_limit(self.model)
+        if limit is None or not prompts:
+            return
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        one_row = torch.ones(1, 1, dtype=torch.long, device=self.model.device)
+        prefix = self._prefix_kv(one_row)
+        offset = 0 if prefix is None else int(prefix.row_lengths(1, one_row.device).max())
+        check_positions(limit, prefix=offset, tokens=len(prompts[longest]),
+                        new_tokens=config.max_new_tokens,
+                        what=f"input {longest + 1} of {len(prompts)} (the longest)",
+                        hint="lower --max-source-tokens or --max-new-tokens")  # fmt: skip
+
     def predict(
         self, sources: list[str], config: GenerateConfig, *, batch_size: int = 16, progress=False
     ) -> list[str]:
         """Generate for every source, longest prompts first, batched; outputs in input order."""
         prompts = [self.prompt(s) for s in sources]
+        self._check_positions(prompts, config)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         outputs: list[str] = [""] * len(prompts)
         pad = self.tokenizer.pad_token_id

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from prefixtune.config import GenerateConfig
-from prefixtune.generation.engine import DecodeState, ban_repeated_ngrams
+from prefixtune.generation.prefill import DecodeState
+from prefixtune.generation.sampling import ban_repeated_ngrams
 
 NEG_INF = float("-inf")
 

@@ -10,6 +10,10 @@ leave through `DecodeState.select`; key columns no row can see any more are cut 
 Works for decoder-only models whose cache can be seeded (no sliding-window layers). Each row
 keeps its own decoding options and, when sampling, its own random generator seeded from the
 request, so a row's tokens do not depend on which other rows share its batch.
+
+Rows are isolated: a row whose logits are not finite (e.g. a prefix holding NaN) or whose token
+choice raises finishes alone with `stop == "error"` and a message in `error`, and `remove` takes
+rows out between steps (cancelled requests); the other rows decode on unchanged.
 """
 
 from __future__ import annotations
@@ -25,15 +29,10 @@ from transformers.cache_utils import DynamicCache
 
 from prefixtune.config import GenerateConfig
 from prefixtune.core.attention import PrefixKV
-from prefixtune.generation.engine import (
-    DecodeState,
-    ban_repeated_ngrams,
-    frozen_prefix,
-    left_pad,
-    prefill_decoder,
-)
-from prefixtune.generation.engine import pick_tokens as pick_tokens_batch
 from prefixtune.generation.kvcache import plain_attention_layers
+from prefixtune.generation.prefill import DecodeState, frozen_prefix, left_pad, prefill_decoder
+from prefixtune.generation.sampling import ban_repeated_ngrams, invalid_rows
+from prefixtune.generation.sampling import pick_tokens as pick_tokens_batch
 
 
 @dataclass
@@ -45,7 +44,8 @@ class Row:
     tag: Any = None  # the caller's handle (e.g. the request), returned with the result
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    stop: str = ""  # "eos" or "length" once finished
+    stop: str = ""  # "eos", "length" or "error" once finished
+    error: str = ""  # why the row failed (stop == "error")
 
     @property
     def remaining(self) -> int:
@@ -127,19 +127,37 @@ class RunningBatch:
 
     # ------------------------------------------------------------------ decoding
     def pick(self) -> Tensor:
-        """Next token of every row (R,) from the current logits, by each row's options."""
+        """Next token of every row (R,) from the current logits, by each row's options.
+
+        A row whose logits are not finite, or whose choice raises, gets stop "error" (its
+        token is then meaningless); the other rows are not affected."""
         logits = self.logits
         tokens = logits.argmax(-1)
+        for i in invalid_rows(logits).nonzero().squeeze(1).tolist():
+            self._fail_row(self.rows[i], "the model produced non-finite logits (NaN or inf) "
+                           "for this request; its prefix may hold non-finite values")  # fmt: skip
         for i, row in enumerate(self.rows):
             config = row.config
-            if not (config.do_sample or config.no_repeat_ngram_size):
+            if row.stop or not (config.do_sample or config.no_repeat_ngram_size):
                 continue
-            scores = logits[i : i + 1]
-            if config.no_repeat_ngram_size:
-                history = torch.tensor([row.tokens], dtype=torch.long, device=logits.device)
-                scores = ban_repeated_ngrams(scores.float(), history, config.no_repeat_ngram_size)
-            tokens[i] = pick_tokens_batch(scores, config, row.generator)[0]
+            try:
+                tokens[i] = self._pick_row(logits[i : i + 1], row)
+            except Exception as err:  # one row's options must not end the batch
+                self._fail_row(row, f"choosing the next token failed: {err}")
         return tokens
+
+    @staticmethod
+    def _pick_row(scores: Tensor, row: Row) -> int:
+        """The next token of one row from its logits (1, V), n-grams banned, maybe sampled."""
+        config = row.config
+        if config.no_repeat_ngram_size:
+            history = torch.tensor([row.tokens], dtype=torch.long, device=scores.device)
+            scores = ban_repeated_ngrams(scores.float(), history, config.no_repeat_ngram_size)
+        return int(pick_tokens_batch(scores, config, row.generator)[0])
+
+    @staticmethod
+    def _fail_row(row: Row, message: str) -> None:
+        row.stop, row.error = "error", message
 
     def step(self) -> list[Row]:
         """Choose one token per row, retire finished rows, feed the rest; returns the finished."""
@@ -148,7 +166,9 @@ class RunningBatch:
         tokens = self.pick()
         finished, keep = [], []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
-            if token in self.eos:
+            if row.stop:  # failed while picking
+                pass
+            elif token in self.eos:
                 row.stop = "eos"
             else:
                 row.tokens.append(token)
@@ -161,6 +181,17 @@ class RunningBatch:
         if self.rows:
             self.logits = self.state.step(tokens)
         return [row for _, row in finished]
+
+    def remove(self, rows: list[Row]) -> None:
+        """Take `rows` out of the batch between steps (e.g. cancelled requests)."""
+        gone = {id(row) for row in rows}
+        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        logits = self.logits
+        self._retire(keep)
+        if self.rows:
+            self.logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
 
     def _retire(self, keep: list[int]) -> None:
         """Keep only rows `keep`; drop key columns that no remaining row can see."""

@@ -24,7 +24,8 @@ from transformers import PreTrainedModel
 
 from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.core.artifact import ArtifactError
-from prefixtune.core.attention import KVCapture, PrefixKV, enable_prefixes, position_ids_for
+from prefixtune.core.attention import KVCapture, PrefixKV, position_ids_for
+from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import is_encoder_decoder
 from prefixtune.core.prefix_encoder import word_ids
 from prefixtune.data.encoding import IGNORE_INDEX

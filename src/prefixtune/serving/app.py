@@ -3,29 +3,39 @@
     prefixtune serve --model smollm2 --prefixes runs/ --port 8000
 
 Endpoints (OpenAPI docs at /docs): POST /v1/generate, GET /v1/prefixes, GET /health,
-POST /v1/admin/prefixes (hot-load), DELETE /v1/admin/prefixes/{id}. See docs/SERVING.md.
+POST /v1/admin/prefixes (hot-load), DELETE /v1/admin/prefixes/{id} (admin: only with
+--admin-token). Every reply to a bad request is a 4xx with a short JSON-safe `detail`; bodies are
+checked (JSON, size) before parsing; SIGTERM/SIGINT drain first. See docs/SERVING.md.
 """
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
 import logging
-import secrets
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixtune.config import ConfigError, GenerateConfig
-from prefixtune.core.artifact import ArtifactError, trained_separator
+from prefixtune.config import ConfigError
+from prefixtune.core.artifact import (
+    PREFIX_JSON,
+    PREFIX_TENSORS,
+    RUN_ARTIFACT,
+    ArtifactError,
+    trained_separator,
+)
 from prefixtune.core.models import is_encoder_decoder
 from prefixtune.data.encoding import prompt_ids
 from prefixtune.serving.bank import PrefixBank, UnknownPrefixError
+from prefixtune.serving.edge import EdgeGuard, bearer_matches, excerpt, safe_error
 from prefixtune.serving.scheduler import QueueFull, Scheduler, SchedulerClosed
+from prefixtune.serving.schemas import GenerateResponse, LoadPrefixRequest, request_model
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 64  # inputs longer than this many characters per allowed token are refused
@@ -40,7 +50,8 @@ class ServeConfig:
     prefixes: str = ""
     """Directory of prefixes: each subdirectory a prefix or run directory (id = its name)."""
     host: str = "127.0.0.1"
-    """Address to listen on (loopback by default; the API has no user authentication)."""
+    """Address to listen on (loopback by default; the API has no user authentication; another
+    address needs --admin-token or --allow-public)."""
     port: int = 8000
     """TCP port."""
     max_batch_size: int = 16
@@ -65,72 +76,45 @@ class ServeConfig:
     dtype: str = "float32"
     """Model weights dtype: float32, bfloat16 or float16."""
     admin_token: str = ""
-    """When set, the admin endpoints need the header 'Authorization: Bearer TOKEN'."""
+    """Enables the admin endpoints (hot-load, unload), which then need the header
+    'Authorization: Bearer TOKEN'; without it they answer 403."""
+    allow_any_prefix_path: bool = False
+    """Let hot-loading read directories outside --prefixes (by default a path must resolve
+    inside it: no '..', no symbolic links out)."""
+    allow_public: bool = False
+    """Listen on a non-loopback --host without --admin-token (anyone who can reach the port may
+    generate)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes, checked before parsing; larger bodies get 413."""
+    drain_timeout: float = 30.0
+    """Seconds SIGTERM/SIGINT waits for in-flight requests (new ones get 503) before answering
+    the rest 503 and exiting."""
 
     def __post_init__(self) -> None:
         for name in ("port", "max_batch_size", "max_queue", "max_input_tokens",
-                     "max_new_tokens_limit", "max_beams"):  # fmt: skip
+                     "max_new_tokens_limit", "max_beams", "max_body_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_wait_ms < 0:
             raise ConfigError("--max-wait-ms must be >= 0")
+        if not self.drain_timeout >= 0:
+            raise ConfigError("--drain-timeout must be >= 0 seconds")
+        if not is_loopback(self.host) and not self.admin_token and not self.allow_public:
+            raise ConfigError(f"--host {self.host!r} is not a loopback address: set "
+                              "--admin-token, or pass --allow-public to let anyone who can reach "
+                              "the port generate without one")  # fmt: skip
         if self.max_new_tokens_limit > 100_000:
             raise ConfigError("--max-new-tokens-limit must be <= 100000")
 
 
-# ---------------------------------------------------------------------------- API schemas
-class GenerateRequestBase(BaseModel):
-    """A generation request (max_new_tokens and num_beams bounds are the server's)."""
-
-    model_config = ConfigDict(extra="forbid")
-    prefix: str | None = Field(None, description="prefix id (GET /v1/prefixes); null: none")
-    input: str = Field(..., min_length=1, description="source text, e.g. a linearised table")
-    do_sample: bool = Field(False, description="sample instead of greedy/beam search")
-    temperature: float = Field(1.0, gt=0, le=100)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="sampling seed (per request)")
-    length_penalty: float = Field(1.0, ge=-10, le=10)
-    no_repeat_ngram_size: int = Field(0, ge=0, le=64)
-    early_stopping: bool = True
-
-    @model_validator(mode="after")
-    def _compatible(self):
-        if not self.input.strip():
-            raise ValueError("input is blank")
-        if self.do_sample and getattr(self, "num_beams", 1) > 1:
-            raise ValueError("do_sample with num_beams > 1 is not supported; set num_beams=1")
-        return self
-
-    def generate_config(self) -> GenerateConfig:
-        fields = self.model_dump(exclude={"prefix", "input"})
-        return GenerateConfig(**fields)
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": [safe_error(e) for e in err.errors()]}, 422)
 
 
-def request_model(max_new_tokens: int, max_beams: int) -> type[GenerateRequestBase]:
-    """The request schema with this server's bounds (so 422s and /docs state them)."""
-    default = min(64, max_new_tokens)
-    return create_model(
-        "GenerateRequest",
-        __base__=GenerateRequestBase,
-        max_new_tokens=(int, Field(default, ge=1, le=max_new_tokens)),
-        num_beams=(int, Field(1, ge=1, le=max_beams)),
-    )
-
-
-class GenerateResponse(BaseModel):
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    prefix: str | None
-    finish_reason: str = Field(description="'stop' (end of sequence) or 'length'")
-    latency_ms: float
-
-
-class LoadPrefixRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(..., description="the new prefix id")
-    path: str | None = Field(None, description="prefix or run directory (default: PREFIXES/id)")
-    replace: bool = Field(False, description="replace a loaded prefix with the same id")
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    detail = err.detail if isinstance(err.detail, str) else str(err.detail)
+    detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"detail": detail}, err.status_code, headers=err.headers)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -143,7 +127,9 @@ class Server:
     bank: PrefixBank
     scheduler: Scheduler
     config: ServeConfig
-    draining: bool = False
+    draining: bool = False  # new requests get 503; set by a drain or the lifespan's end
+    in_flight: int = 0  # generate requests being answered
+    stopping: asyncio.Event | None = None  # set when a drain times out: answer the rest 503
 
     def prompt(self, text: str, prefix_meta: dict[str, Any]) -> list[int]:
         """Prompt ids in the format the prefix (its prefix.json `meta`) was trained with."""
@@ -179,10 +165,67 @@ class Server:
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
+    def hot_load_path(self, prefix_id: str, path: str | None) -> Path:
+        """The directory a hot-load reads: PREFIXES/id by default, a relative `path` under
+        --prefixes. Unless --allow-any-prefix-path, it and its artifact files must resolve
+        inside --prefixes (403 otherwise, without echoing the path)."""
+        root = Path(self.config.prefixes) if self.config.prefixes else None
+        if path is None and root is None:
+            raise HTTPException(422, "give 'path' (the server has no --prefixes directory)")
+        given = Path(path) if path is not None else Path(prefix_id)
+        candidate = given if root is None or given.is_absolute() else root / given
+        if self.config.allow_any_prefix_path:
+            return candidate
+        outside = HTTPException(403, f"the path for prefix {prefix_id!r} resolves outside the "
+                                     "--prefixes directory; restart with --allow-any-prefix-path "
+                                     "to load from anywhere")  # fmt: skip
+        if root is None:
+            raise outside
+        inside = root.resolve()
+        files = [candidate / name for name in (PREFIX_JSON, PREFIX_TENSORS)]
+        files += [candidate / RUN_ARTIFACT / f.name for f in files]
+        try:
+            if not all(p.resolve().is_relative_to(inside) for p in [candidate, *files]):
+                raise outside
+        except (OSError, RuntimeError):  # a symbolic link loop
+            raise HTTPException(422, f"prefix {prefix_id!r}: the path cannot be resolved") from None
+        return candidate
+
+    async def outcome(self, future: Future, request: Request) -> Any:
+        """The scheduler's Result for `future`; a client that disconnects, or a drain that times
+        out, cancels the request so its row leaves the batch at the next step."""
+        waiting = asyncio.wrap_future(future)
+        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
+        watchers = [asyncio.ensure_future(_disconnected(request))]
+        if self.stopping is not None:
+            watchers.append(asyncio.ensure_future(self.stopping.wait()))
+        try:
+            done, _ = await asyncio.wait([waiting, *watchers], return_when="FIRST_COMPLETED")
+        except asyncio.CancelledError:  # the connection's task was cancelled
+            self.scheduler.cancel(future)
+            raise
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+        if waiting in done and not waiting.cancelled():
+            return waiting.result()
+        self.scheduler.cancel(future)
+        if watchers[0] in done:
+            log.info("client disconnected; its request was cancelled")
+            return None
+        raise HTTPException(503, "the server shut down before this request finished; retry",
+                            {"Retry-After": "1"})  # fmt: skip
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body has been read; only a disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
 
 def _unknown(prefix_id: str) -> HTTPException:
-    return HTTPException(404, f"unknown prefix {prefix_id!r}; GET /v1/prefixes lists the loaded "
-                              "prefixes (use null for the base model)")  # fmt: skip
+    return HTTPException(404, f"unknown prefix {excerpt(repr(prefix_id))}; GET /v1/prefixes "
+                              "lists the loaded prefixes (use null for the base model)")  # fmt: skip
 
 
 def create_app(server: Server) -> FastAPI:
@@ -190,48 +233,40 @@ def create_app(server: Server) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.draining = False
+        server.draining, server.in_flight, server.stopping = False, 0, asyncio.Event()
         server.scheduler.start()
         yield
         server.draining = True
-        await asyncio.to_thread(server.scheduler.close)
+        server.stopping.set()  # a shutdown without a drain: answer what is left 503
+        closing = server.config.drain_timeout + 10.0
+        if not await asyncio.to_thread(server.scheduler.close, closing):
+            log.error("the scheduler did not stop within %.0f s", closing)
 
     app = FastAPI(title="prefixtune", version="1", lifespan=lifespan,
                   description="Prefix-tuned generation: many prefixes, one frozen model.")  # fmt: skip
     app.state.server = server
+    app.add_middleware(EdgeGuard, server=server)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     GenerateRequest = request_model(server.config.max_new_tokens_limit, server.config.max_beams)
 
     def admin(authorization: str | None = Header(None)) -> None:
         token = server.config.admin_token
-        if token and not secrets.compare_digest(authorization or "", f"Bearer {token}"):
-            raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <token>'")
+        if not token:
+            raise HTTPException(403, "admin endpoints are off: start the server with "
+                                     "--admin-token TOKEN to enable them")  # fmt: skip
+        if not bearer_matches(authorization, token):
+            raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <token>'",
+                                {"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate_text(body: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
+    async def generate_text(body: GenerateRequest, request: Request) -> Any:  # type: ignore[valid-type]
         """Generate a continuation of `input` with the named prefix (or none)."""
+        server.in_flight += 1
         try:
-            entry = None if body.prefix is None else server.bank.get(body.prefix)
-        except UnknownPrefixError:
-            raise _unknown(body.prefix) from None
-        prefix_len = 0 if entry is None else entry.length
-        server.check_chars(body.input)
-        prompt = server.prompt(body.input, entry.meta if entry else {})
-        server.check_length(prompt, prefix_len, body.max_new_tokens)
-        try:
-            future = server.scheduler.submit(prompt, body.prefix, body.generate_config())
-        except QueueFull as err:
-            raise HTTPException(503, f"server busy: {err}", {"Retry-After": "1"}) from None
-        except SchedulerClosed as err:
-            raise HTTPException(503, str(err)) from None
-        try:
-            result = await asyncio.wrap_future(future)
-        except UnknownPrefixError:
-            raise _unknown(body.prefix) from None
-        return GenerateResponse(
-            text=server.text(result.tokens), prompt_tokens=len(prompt),
-            completion_tokens=len(result.tokens), prefix=body.prefix,
-            finish_reason=result.finish_reason, latency_ms=result.total_s * 1000.0,
-        )  # fmt: skip
+            return await _generate(server, body, request)
+        finally:
+            server.in_flight -= 1
 
     @app.get("/v1/prefixes")
     def list_prefixes() -> dict[str, Any]:
@@ -239,26 +274,26 @@ def create_app(server: Server) -> FastAPI:
         return {"base_model": _model_name(server.model), **server.bank.describe()}
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        status = "draining" if server.draining else "ok"
-        return {"status": status, "prefixes": len(server.bank),
+    def health() -> JSONResponse:
+        """Status "ok" (200), or "draining" (503 with Retry-After) while shutting down."""
+        body = {"status": "draining" if server.draining else "ok", "prefixes": len(server.bank),
                 "scheduler": server.scheduler.stats()}  # fmt: skip
+        if server.draining:
+            return JSONResponse(body, 503, {"Retry-After": "1"})
+        return JSONResponse(body)
 
     @app.post("/v1/admin/prefixes", status_code=201, dependencies=[Depends(admin)])
     def load_prefix(body: LoadPrefixRequest) -> dict[str, Any]:
         """Hot-load a prefix (or run) directory under a new id; checked against the model."""
-        path = body.path
-        if path is None:
-            if not server.config.prefixes:
-                raise HTTPException(422, "give 'path' (the server has no --prefixes directory)")
-            path = str(Path(server.config.prefixes) / body.id)
+        path = server.hot_load_path(body.id, body.path)
         try:
             entry = server.bank.load(body.id, path, replace=body.replace)
         except FileExistsError as err:
             raise HTTPException(409, str(err)) from None
-        except (ArtifactError, OSError) as err:
-            raise HTTPException(422, f"prefix {body.id!r} not loaded: {err}") from None
-        return entry.describe()
+        except (ArtifactError, OSError, ValueError) as err:
+            detail = server.bank.public_error(err)
+            raise HTTPException(422, f"prefix {body.id!r} not loaded: {detail}") from None
+        return entry.describe(server.bank.root)
 
     @app.delete("/v1/admin/prefixes/{prefix_id}", status_code=204, dependencies=[Depends(admin)])
     def unload_prefix(prefix_id: str) -> None:
@@ -270,14 +305,46 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse({"detail": f"internal error: {type(err).__name__}: {err}"}, 500)
+        log.exception("request failed")  # the message may name files: only the log has it
+        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server "
+                                       "log"}, 500)  # fmt: skip
 
     return app
 
 
+async def _generate(server: Server, body: Any, request: Request) -> Any:
+    """POST /v1/generate: tokenise off the event loop, queue, await (or cancel) the result."""
+    try:
+        entry = None if body.prefix is None else server.bank.get(body.prefix)
+    except UnknownPrefixError:
+        raise _unknown(body.prefix) from None
+    prefix_len = 0 if entry is None else entry.length
+    server.check_chars(body.input)
+    prompt = await asyncio.to_thread(server.prompt, body.input, entry.meta if entry else {})
+    server.check_length(prompt, prefix_len, body.max_new_tokens)
+    try:
+        future = server.scheduler.submit(prompt, body.prefix, body.generate_config())
+    except QueueFull as err:
+        raise HTTPException(503, f"server busy: {err}", {"Retry-After": "1"}) from None
+    except SchedulerClosed as err:
+        raise HTTPException(503, str(err), {"Retry-After": "1"}) from None
+    try:
+        result = await server.outcome(future, request)
+    except UnknownPrefixError:
+        raise _unknown(body.prefix) from None
+    if result is None:  # the client has gone: nobody reads this reply
+        return JSONResponse({"detail": "client disconnected"}, 499)
+    return GenerateResponse(
+        text=server.text(result.tokens), prompt_tokens=len(prompt),
+        completion_tokens=len(result.tokens), prefix=body.prefix,
+        finish_reason=result.finish_reason, latency_ms=result.total_s * 1000.0,
+    )  # fmt: skip
+
+
 def _model_name(model: Any) -> str:
-    return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    """The hub id, or only the directory name of a local model (never a filesystem path)."""
+    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    return Path(name).name if Path(name).is_absolute() or Path(name).exists() else name
 
 
 def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) -> Server:
@@ -305,35 +372,10 @@ def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) 
     return Server(model, tokenizer, bank, scheduler, config)
 
 
-# ---------------------------------------------------------------------------- the command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from prefixtune.cli.args import add_dataclass_arguments
-
-    add_dataclass_arguments(parser, ServeConfig)
-
-
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from prefixtune.cli.args import dataclass_from_args
-
-    config = dataclass_from_args(ServeConfig, args)
-    if config.prefixes and not Path(config.prefixes).is_dir():
-        raise ConfigError(f"--prefixes {config.prefixes}: not a directory")
-    if not _is_loopback(config.host):
-        log.warning("listening on %s: anyone who can reach it may generate%s", config.host,
-                    "" if config.admin_token else " and load prefixes (set --admin-token)")  # fmt: skip
-    server = build_server(config)  # artifacts that do not fit are logged and skipped
-    log.info("serving %d prefixes (%s batching) on http://%s:%d", len(server.bank),
-             server.scheduler.stats()["mode"], config.host, config.port)  # fmt: skip
-    uvicorn.run(create_app(server), host=config.host, port=config.port, log_level="info")
-    return 0

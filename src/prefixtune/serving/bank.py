@@ -30,6 +30,7 @@ from prefixtune.core.artifact import (
     load_prefix,
 )
 from prefixtune.core.attention import PrefixKV
+from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.prefix_encoder import KindShape, model_shapes
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,29 @@ class BankEntry:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv.values())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, root: Path | None = None) -> dict[str, Any]:
+        """What clients see; `path` is relative to `root` (never an absolute path)."""
+        base_model = self.meta.get("base_model")
         return {
             "id": self.id,
             "length": self.length,
             "kinds": list(self.kinds),
             "bytes": self.num_bytes(),
             "dtype": str(next(iter(self.kv.values())).dtype).removeprefix("torch."),
-            "base_model": self.meta.get("base_model"),
-            "path": self.path,
+            "base_model": base_model if isinstance(base_model, str) else None,
+            "path": public_path(self.path, root),
         }
+
+
+def public_path(path: str | Path, root: Path | None) -> str:
+    """`path` relative to `root` when inside it, else only its last two parts: listings and
+    errors shown to clients never reveal where the server keeps its files."""
+    path = Path(path)
+    if root is not None:
+        for base in (root, root.resolve()):
+            if path.is_relative_to(base):
+                return str(path.relative_to(base))
+    return str(Path(*path.parts[-2:])) if len(path.parts) > 1 else path.name
 
 
 def check_id(prefix_id: str) -> str:
@@ -83,13 +97,25 @@ def check_id(prefix_id: str) -> str:
     return prefix_id
 
 
+def _check_finite(kv: dict[str, Tensor], where: Path) -> None:
+    """NaN/Inf keys or values (stored, or overflowing the model's dtype) would poison every
+    sampling row that reads them: refuse them at load."""
+    for kind, t in kv.items():
+        if not bool(torch.isfinite(t).all()):
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise ArtifactError(f"{where}: '{kind}' prefix holds non-finite values (NaN/Inf) "
+                                f"in {dtype}")  # fmt: skip
+
+
 class PrefixBank:
     """Folded prefixes validated against one model, gathered per batch by id (thread-safe)."""
 
     def __init__(self, model: PreTrainedModel, shapes: dict[str, KindShape] | None = None):
         self.model = model
-        self.shapes = shapes if shapes is not None else model_shapes(model)  # enables prefixes
+        enable_prefixes(model)  # verified once per model: refuses one prefixes would get wrong
+        self.shapes = shapes if shapes is not None else model_shapes(model)
         self.errors: dict[str, str] = {}
+        self.root: Path | None = None  # the directory load_dir read; listings are relative to it
         self._entries: dict[str, BankEntry] = {}
         self._lock = threading.Lock()
         self._empty = self._zero_length_prefix()
@@ -128,6 +154,7 @@ class PrefixBank:
         check_fits(folded.shapes(), self.shapes, str(found))
         param = next(self.model.parameters())
         kv = {k: t.to(device=param.device, dtype=param.dtype) for k, t in folded.kv.items()}
+        _check_finite(kv, found)
         entry = BankEntry(prefix_id, kv, str(found), folded.meta)
         with self._lock:
             if not replace and prefix_id in self._entries:
@@ -143,6 +170,7 @@ class PrefixBank:
         root = Path(root)
         if not root.is_dir():
             raise ArtifactError(f"{root}: not a directory of prefixes")
+        self.root = root
         candidates = [root] if artifact_dir(root) else sorted(root.iterdir())
         failed: dict[str, str] = {}
         for path in candidates:
@@ -151,11 +179,19 @@ class PrefixBank:
             try:
                 self.load(path.name, path, replace=True)
             except (ArtifactError, OSError, ValueError) as err:
-                failed[path.name] = str(err)
+                failed[path.name] = self.public_error(err)
                 log.error("skipped prefix %r: %s", path.name, err)
         with self._lock:
             self.errors.update(failed)
         return failed
+
+    def public_error(self, err: BaseException) -> str:
+        """An error message with paths under the prefixes directory made relative to it."""
+        text = str(err)
+        if self.root is not None:
+            for base in {str(self.root.resolve()), str(self.root)}:
+                text = text.replace(base.rstrip("/") + "/", "")
+        return text
 
     def remove(self, prefix_id: str) -> None:
         with self._lock:
@@ -185,7 +221,7 @@ class PrefixBank:
     def describe(self) -> dict[str, Any]:
         """What GET /v1/prefixes reports: each prefix with its bytes, total, load errors."""
         with self._lock:
-            entries = [self._entries[k].describe() for k in sorted(self._entries)]
+            entries = [self._entries[k].describe(self.root) for k in sorted(self._entries)]
             errors = dict(self.errors)
         total = sum(e["bytes"] for e in entries)
         return {"prefixes": entries, "total_bytes": total, "errors": errors}

@@ -8,7 +8,14 @@ thread owns the model:
   options, up to `max_batch_size` rows; finished rows leave at once (continuous.py).
 * Request-level dynamic batching (beam search everywhere; every request on encoder-decoder or
   sliding-window models): requests with identical decoding options and prefix kinds form one
-  batch of up to `max_batch_size`, run to completion through `generate()`, prefixes mixed per row.
+  group of up to `max_batch_size`, prefixes mixed per row, decoded step by step (beam_group.py)
+  with generate()'s numbers.
+
+Isolation and fairness: every worker cycle runs one decode step of the continuous batch and then
+one step of each active group (at most `max_groups` at a time), so a long beam search delays a
+greedy row by one beam step per token instead of its whole run. A row whose logits are not
+finite, or whose token choice raises, fails alone (`RequestFailed`); `cancel()` takes a request
+out of the queue, or out of its batch or group before the next step.
 
 When the worker is idle it waits up to `max_wait_ms` after the first arrival for more requests
 (or until `max_batch_size` are waiting) before it starts. `close()` stops intake and lets the
@@ -22,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +40,9 @@ from prefixtune.config import GenerateConfig
 from prefixtune.core.models import is_encoder_decoder
 from prefixtune.core.runtime import compiled_for_decoding
 from prefixtune.data.encoding import Encoded, collate_seq2seq
+from prefixtune.generation.beam_group import GroupRun
 from prefixtune.generation.continuous import Row, RunningBatch, seedable
-from prefixtune.generation.engine import eval_mode, generate, left_pad
+from prefixtune.generation.prefill import eval_mode, left_pad
 from prefixtune.serving.bank import PrefixBank, UnknownPrefixError
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,10 @@ class QueueFull(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
 
 
+class RequestFailed(RuntimeError):
+    """This request alone failed (e.g. non-finite logits from its prefix); others went on."""
+
+
 @dataclass
 class Request:
     """One generation request in token ids (the scheduler never sees text)."""
@@ -59,6 +71,7 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     started: float = 0.0
     batch_rows: int = 0  # rows in the batch it started in
+    cancelled: bool = False  # set by Scheduler.cancel; the worker drops it before its next step
 
 
 @dataclass
@@ -100,16 +113,19 @@ class Scheduler:
         max_queue: int = 1024,
         continuous: bool | None = None,
         compile: bool = False,
+        max_groups: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_ms >= 0")
+        if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1 or max_groups < 1:
+            raise ValueError(
+                "max_batch_size, max_queue and max_groups must be >= 1, max_wait_ms >= 0"
+            )
         self.model, self.bank = model, bank
         self.compile = compile  # decode under torch.compile (generate --compile)
         self._runner = compiled_for_decoding(model) if compile else model
         self.eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.pad_token_id = pad_token_id
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
-        self.max_queue = max_queue
+        self.max_queue, self.max_groups = max_queue, max_groups
         can = seedable(model)
         if continuous and not can:
             raise ValueError("continuous batching needs a decoder-only model without "
@@ -119,8 +135,11 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._running = RunningBatch(self._runner, self.eos_ids)
+        self._groups: list[tuple[GroupRun, list[Request]]] = []  # request-level, stepping
+        self._started: dict[Future, Request] = {}  # claimed, not yet answered
         self._thread: threading.Thread | None = None
-        self.counters = {"requests": 0, "batches": 0, "decode_steps": 0, "failed": 0}
+        self.counters = {"requests": 0, "batches": 0, "decode_steps": 0, "group_steps": 0,
+                         "failed": 0, "cancelled": 0}  # fmt: skip
 
     # ------------------------------------------------------------------ public
     def start(self) -> Scheduler:
@@ -142,6 +161,27 @@ class Scheduler:
             self._cond.notify()
         return request.future
 
+    def cancel(self, future: Future) -> bool:
+        """Abandon the request behind `future` (e.g. its client disconnected).
+
+        A waiting request leaves the queue and its Future is cancelled at once. A running one
+        leaves its continuous batch or beam group before the next decode step; its Future then
+        raises `concurrent.futures.CancelledError`. Returns True when the request was waiting or
+        running, False when it had already finished or is unknown (a result may still win a
+        race with a cancel of a request on its last step)."""
+        with self._cond:
+            for request in self._pending:
+                if request.future is future:
+                    self._pending.remove(request)
+                    self.counters["cancelled"] += 1
+                    return future.cancel()
+            request = self._started.get(future)
+            if request is None or future.done():
+                return False
+            request.cancelled = True
+            self._cond.notify()
+            return True
+
     def close(self, timeout: float | None = None) -> bool:
         """Take no new requests, finish the accepted ones; True when the worker has stopped."""
         with self._cond:
@@ -160,6 +200,8 @@ class Scheduler:
             "mode": "continuous" if self.continuous else "dynamic",
             "waiting": len(self._pending),
             "running": len(self._running),
+            "groups": len(self._groups),
+            "group_rows": sum(run.size for run, _ in list(self._groups)),
             "max_batch_size": self.max_batch_size,
             "max_wait_ms": self.max_wait * 1000.0,
             **self.counters,
@@ -169,23 +211,32 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                if not self._pending and not len(self._running):
+                if not self._pending and not self._busy():
                     if self._closed:
                         return
                     self._cond.wait()
                     continue
-                if not len(self._running):
+                if not self._busy():
                     self._wait_for_batch()
                 joiners, group = self._take()
             try:
                 with torch.inference_mode(), eval_mode(self.model):
+                    self._drop_cancelled()
                     self._admit(joiners)
-                    self._run_group(group)
+                    self._start_group(group)
                     self._decode_step()
+                    self._step_groups()
             except Exception as err:  # never leave callers waiting on a dead worker
                 log.exception("scheduler step failed")
-                self._fail(joiners + group + [row.tag for row in self._running.rows], err)
+                grouped = [r for _, requests in self._groups for r in requests]
+                running = [row.tag for row in self._running.rows]
+                self._fail(joiners + group + running + grouped, err)
                 self._running = RunningBatch(self._runner, self.eos_ids)
+                self._groups = []
+
+    def _busy(self) -> bool:
+        """Rows decoding in the continuous batch or in a request-level group."""
+        return bool(len(self._running) or self._groups)
 
     def _wait_for_batch(self) -> None:
         """Idle: wait (lock held by the caller) until max_batch_size requests are waiting or
@@ -203,6 +254,7 @@ class Scheduler:
     def _take(self) -> tuple[list[Request], list[Request]]:
         """Pop (rows that join the running batch, one generate() group) from the queue."""
         room = self.max_batch_size - len(self._running)
+        can_group = len(self._groups) < self.max_groups
         joiners, group, key, kept = [], [], None, deque()
         while self._pending:
             request = self._pending.popleft()
@@ -210,6 +262,7 @@ class Scheduler:
                 joiners.append(request)
             elif (
                 not self._steppable(request)
+                and can_group
                 and len(group) < self.max_batch_size
                 and (key is None or self._group_key(request) == key)
             ):
@@ -233,6 +286,7 @@ class Scheduler:
         claimed = [r for r in requests if r.future.set_running_or_notify_cancel()]
         for request in claimed:
             request.started = now
+            self._started[request.future] = request
         return claimed
 
     def _known(self, requests: list[Request]) -> list[Request]:
@@ -246,10 +300,19 @@ class Scheduler:
         return known
 
     def _fail(self, requests: list[Request], err: BaseException) -> None:
-        self.counters["failed"] += len(requests)
         for request in requests:
+            self._started.pop(request.future, None)
             if not request.future.done():
+                self.counters["failed"] += 1
                 request.future.set_exception(err)
+
+    def _cancelled(self, requests: list[Request]) -> None:
+        """Answer requests dropped by cancel() with CancelledError."""
+        self.counters["cancelled"] += len(requests)
+        for request in requests:
+            self._started.pop(request.future, None)
+            if not request.future.done():
+                request.future.set_exception(CancelledError("the request was cancelled"))
 
     def _resolve(self, request: Request, tokens: list[int], rows: int) -> None:
         now = time.monotonic()
@@ -257,6 +320,7 @@ class Scheduler:
         result = Result(tokens, reason, request.started - request.arrived, now - request.arrived,
                         rows)  # fmt: skip
         self.counters["requests"] += 1
+        self._started.pop(request.future, None)
         if not request.future.done():
             request.future.set_result(result)
 
@@ -289,23 +353,60 @@ class Scheduler:
             return
         self.counters["decode_steps"] += 1
         for row in finished:
-            self._resolve(row.tag, row.tokens, row.tag.batch_rows)
+            if row.stop == "error":
+                self._fail([row.tag], RequestFailed(row.error))
+            else:
+                self._resolve(row.tag, row.tokens, row.tag.batch_rows)
 
-    def _run_group(self, requests: list[Request]) -> None:
-        """Run one group with identical options to completion through generate()."""
+    def _drop_cancelled(self) -> None:
+        """Take cancelled requests out of the continuous batch and the groups."""
+        gone = [row for row in self._running.rows if row.tag.cancelled]
+        if gone:
+            self._running.remove(gone)
+            self._cancelled([row.tag for row in gone])
+        for run, requests in self._groups:
+            drop = {i for i in run.active if requests[i].cancelled}
+            if drop:
+                run.drop(drop)
+                self._cancelled([requests[i] for i in sorted(drop)])
+        self._groups = [(run, requests) for run, requests in self._groups if not run.done]
+
+    def _start_group(self, requests: list[Request]) -> None:
+        """Prefill one group with identical options; it then advances in `_step_groups`."""
         requests = self._known(requests)
         if not requests:
             return
         try:
             prefix = self.bank.gather([r.prefix for r in requests])
             ids, mask = pad_prompts(self.model, [r.prompt for r in requests], self.pad_token_id)
-            config = dataclasses.replace(requests[0].config, compile=self.compile)
-            outputs = generate(self.model, ids, mask, prefix, config,
-                               eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id)  # fmt: skip
+            run = GroupRun(self.model, self._runner, ids, mask, prefix, requests[0].config,
+                           eos_token_ids=self.eos_ids, pad_token_id=self.pad_token_id)  # fmt: skip
         except Exception as err:
-            log.exception("batch failed")
+            log.exception("group prefill failed")
             self._fail(requests, err)
             return
         self.counters["batches"] += 1
-        for request, tokens in zip(requests, outputs, strict=True):
-            self._resolve(request, tokens, len(requests))
+        for request in requests:
+            request.batch_rows = len(requests)
+        self._groups.append((run, requests))
+
+    def _step_groups(self) -> None:
+        """One step of every active group; answer the inputs that finished or failed."""
+        for entry in list(self._groups):
+            run, requests = entry
+            try:
+                run.step()
+            except Exception as err:  # fails this group only
+                log.exception("group step failed")
+                self._groups.remove(entry)
+                self._fail([requests[i] for i in run.active], err)
+                continue
+            self.counters["group_steps"] += 1
+            for i, message in run.errors.items():
+                self._fail([requests[i]], RequestFailed(message))
+            for i, tokens in run.results.items():
+                self._resolve(requests[i], tokens, len(requests))
+            run.errors.clear()
+            run.results.clear()
+            if run.done:
+                self._groups.remove(entry)

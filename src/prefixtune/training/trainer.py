@@ -19,7 +19,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 from prefixtune import __version__
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
+from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.runtime import autocast_dtype, compiled, enable_gradient_checkpointing
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import (
+    Batches,
     Encoded,
     collate,
     collate_seq2seq,
@@ -92,33 +94,15 @@ def data_hash(examples: list[Example]) -> str:
     return digest.hexdigest()[:16]
 
 
-@dataclass
-class Batches:
-    """Length-bucketed batches, reshuffled per epoch; micro-batch m of the whole run on demand."""
-
-    items: list[Encoded]
-    config: TrainConfig
-    collate: Callable[[list[Encoded]], dict[str, torch.Tensor]]
-    _epoch: int = -1
-    _order: list[list[int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.lengths = [len(it.input_ids) + len(it.labels) for it in self.items]
-        self.per_epoch = len(self._batches(0))
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        return length_bucketed_batches(
-            self.lengths,
-            self.config.batch_size,
-            seed=self.config.seed * 100_003 + epoch,
-            max_tokens=self.config.max_batch_tokens or None,
-        )
-
-    def get(self, index: int) -> dict[str, torch.Tensor]:
-        epoch, position = divmod(index, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, self._batches(epoch)
-        return self.collate([self.items[i] for i in self._order[position]])
+def position_offset(method: Method) -> int:
+    """Positions the method puts before the real tokens: its prefix or infix length (the longest
+    task's in a multi-task run), its virtual tokens (prompt tuning), else 0."""
+    prefix_kv = getattr(method, "prefix_kv", None)
+    if prefix_kv is not None:
+        with torch.no_grad():
+            return max((t.shape[-2] for t in prefix_kv().kv.values()), default=0)
+    virtual = getattr(method.module, "embeddings", None)  # VirtualTokens: (n, d)
+    return int(virtual.shape[0]) if isinstance(virtual, torch.nn.Parameter) else 0
 
 
 def make_collate(model, tokenizer) -> Callable[[list[Encoded]], dict[str, torch.Tensor]]:
@@ -216,7 +200,8 @@ class Trainer:
             train_items = tag_items(train_items, train_examples, len(self.tasks))
             dev_items = tag_items(dev_items, dev_examples or [], len(self.tasks))
             options = {"tasks": self.tasks}
-        self.batches = Batches(train_items, config, collate_fn)
+        self.batches = Batches(train_items, collate_fn, config.batch_size,
+                               seed=config.seed * 100_003, max_tokens=config.max_batch_tokens)  # fmt: skip
         order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
                                         seed=0, shuffle=False) if dev_items else []  # fmt: skip
         self.dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
@@ -224,16 +209,35 @@ class Trainer:
                                    prefix, seed=config.seed, adapter_share=config.adapter_share,
                                    **options)  # fmt: skip
         self.artifact_dir = self.out / getattr(self.method, "artifact_dir", ARTIFACT_DIR)
+        self._check_positions(train_items, train_examples, "training")
+        self._check_positions(dev_items, dev_examples or [], "dev")
         self.method.module.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.loss = compiled(self.method.loss, self.device) if config.compile else self.method.loss
         self.optimizer = torch.optim.AdamW(self.method.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)  # fmt: skip
-        per_epoch = math.ceil(self.batches.per_epoch / config.grad_accum)
-        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
+        # micro-batches the run trains on: --max-steps full steps, else the epochs' real batches
+        accum = config.grad_accum
+        self.micro_batches = config.max_steps * accum or self.batches.total(config.epochs)
+        self.total_steps = max(1, math.ceil(self.micro_batches / accum))
         self.scheduler = linear_schedule(self.optimizer, config.warmup_steps, self.total_steps)
         self.state: dict[str, Any] = {"step": 0, "best_dev": math.inf, "dev_history": []}
+
+    def _check_positions(self, items: list[Encoded], examples: list[Example], split: str) -> None:
+        """Refuse, before training, an example that would run past the model's positions once
+        the method's prefix (or virtual tokens) offsets them; names the longest one."""
+        limit = position_limit(self.model)
+        if limit is None or not items:
+            return
+        longest = max(range(len(items)), key=lambda i: len(items[i].input_ids))
+        source = " ".join(examples[longest].source.split())
+        check_positions(limit, prefix=position_offset(self.method),
+                        tokens=len(items[longest].input_ids),
+                        what=f"{split} example {longest + 1} of {len(items)} in {self.config.data}"
+                             f" (the longest; source {source[:40]!r})",
+                        hint="lower --max-source-tokens / --max-target-tokens or "
+                             "--prefix-length")  # fmt: skip
 
     def _restore_or_refuse(self) -> None:
         found = find_checkpoint(self.out)
@@ -301,8 +305,9 @@ class Trainer:
     def _train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step over grad_accum micro-batches; returns (loss, tokens)."""
         accum = self.config.grad_accum
+        micros = range(step * accum, min((step + 1) * accum, self.micro_batches))
         total_loss, tokens = 0.0, 0
-        for micro in range(step * accum, (step + 1) * accum):
+        for micro in micros:
             batch, weight = self.batches.get(micro), 1.0
             tokens += count_tokens(batch)[0]  # the global batch's tokens
             if self.dist:  # this rank's rows; weight = its share N_r / N of the target tokens
@@ -314,7 +319,7 @@ class Trainer:
                 loss = self.loss(batch)
                 if weight != 1.0:
                     loss = loss * weight
-                loss = loss / accum
+                loss = loss / len(micros)  # the run's last step may hold fewer
             loss.backward()
             total_loss += loss.item()
         if self.dist:  # sum of the ranks' weighted grads = the global batch's gradient
@@ -325,6 +330,17 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, tokens
+
+    def _ends_epoch(self, done: int) -> bool:
+        """True when optimizer step `done` (1-based) trains the last micro-batch of an epoch."""
+        accum = self.config.grad_accum
+        return self.batches.epoch_of(done * accum) > self.batches.epoch_of((done - 1) * accum)
+
+    def _evaluation_due(self, done: int) -> bool:
+        """Every --eval-every steps, else at the end of each epoch."""
+        if self.config.eval_every:
+            return done % self.config.eval_every == 0
+        return self._ends_epoch(done)
 
     def _count_targets(self, batch: dict[str, torch.Tensor]) -> int:
         """Target tokens the loss averages over (the denominator of its mean)."""
@@ -343,7 +359,6 @@ class Trainer:
             self.dist.broadcast_parameters(self.method.parameters())
             self.dist.barrier()
         config, start = self.config, self.state["step"]
-        eval_every = config.eval_every or math.ceil(self.batches.per_epoch / config.grad_accum)
         if start == 0 and self.dev_batches:
             self.state["initial_dev_loss"] = self._evaluate(0)
         self.method.train()
@@ -368,7 +383,7 @@ class Trainer:
             if done % config.log_every == 0 or done == self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 self._log({"step": done, "loss": loss, "lr": lr, "tokens_per_s": rate})
-            if done % eval_every == 0 and done != self.total_steps:
+            if done != self.total_steps and self._evaluation_due(done):
                 self._evaluate(done)
                 if self._out_of_patience():
                     stopped = True
