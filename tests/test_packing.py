@@ -29,6 +29,18 @@ def mixed_prefix(model, rows: tuple[int, ...] = (1, 0, 1, 1, 0)) -> PrefixKV:
     return PrefixKV.stack(stack, rows=torch.tensor(rows))
 
 
+def prefix_per_row(model) -> PrefixKV:
+    """One prefix for each row, row i's at index i (rows=None, N == B): packing once counted
+    one distinct prefix here and built a mask narrower than the keys (a crash)."""
+    lengths = (3, 5, 2, 4, 3)
+    stack = [build_encoder(model, PrefixConfig(length=n, reparam=False), seed=i).bake()
+             for i, n in enumerate(lengths)]  # fmt: skip
+    return PrefixKV.stack(stack)
+
+
+PREFIXES = {"none": lambda model: None, "mixed": mixed_prefix, "per-row": prefix_per_row}
+
+
 def prefill(model, prefix, pack: bool, monkeypatch):
     monkeypatch.setattr(generation, "packing_pays", lambda *args: pack)
     ids, mask = left_pad(PROMPTS, 0)
@@ -36,12 +48,12 @@ def prefill(model, prefix, pack: bool, monkeypatch):
         return prefill_decoder(model, ids, mask, prefix, 4, None)
 
 
-@pytest.mark.parametrize("with_prefix", [False, True])
+@pytest.mark.parametrize("kind", sorted(PREFIXES))
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_packed_prefill_leaves_the_state_a_padded_prefill_leaves(name, with_prefix, monkeypatch):
+def test_packed_prefill_leaves_the_state_a_padded_prefill_leaves(name, kind, monkeypatch):
     model = BUILDERS[name]()
     enable_prefixes(model)
-    prefix = mixed_prefix(model) if with_prefix else None
+    prefix = PREFIXES[kind](model)
     (padded, padded_logits), (packed, packed_logits) = (
         prefill(model, prefix, pack, monkeypatch) for pack in (False, True)
     )
@@ -54,10 +66,11 @@ def test_packed_prefill_leaves_the_state_a_padded_prefill_leaves(name, with_pref
             torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["mixed", "per-row"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_generation_after_a_packed_prefill_equals_the_padded_one(name, monkeypatch):
+def test_generation_after_a_packed_prefill_equals_the_padded_one(name, kind, monkeypatch):
     model = BUILDERS[name]()
-    prefix = mixed_prefix(model)
+    prefix = PREFIXES[kind](model)
     ids, mask = left_pad(PROMPTS, 0)
     outputs, calls = {}, []
     for pack in (False, True):
@@ -69,6 +82,15 @@ def test_generation_after_a_packed_prefill_equals_the_padded_one(name, monkeypat
             model, ids, mask, prefix, config, eos_token_id=NEVER, pad_token_id=0
         )
     assert calls and outputs[True] == outputs[False]
+    if prefix.rows is None:  # and each row decodes as it does alone with its own prefix
+        monkeypatch.setattr(generation, "packing_pays", lambda *args: False)
+        for i, prompt in enumerate(PROMPTS):
+            one = PrefixKV({k: v[i : i + 1] for k, v in prefix.kv.items()},
+                           valid=prefix.valid[i : i + 1])  # fmt: skip
+            ids, mask = left_pad([prompt], 0)
+            alone = generate(model, ids, mask, one, GenerateConfig(max_new_tokens=6),
+                             eos_token_id=NEVER, pad_token_id=0)  # fmt: skip
+            assert alone[0] == outputs[False][i]
 
 
 def right_aligned(lengths: list[int]) -> torch.Tensor:

@@ -64,7 +64,9 @@ def _prefix_size(prefix: PrefixKV | None) -> tuple[int, int]:
     if prefix is None:
         return 0, 0
     length = max(t.shape[-2] for t in prefix.kv.values())
-    return length, 1 if prefix.rows is None else int(prefix.rows.unique().numel())
+    if prefix.rows is None:  # one prefix for every row, or row i's prefix at index i
+        return length, prefix.kv["self"].shape[0]
+    return length, int(prefix.rows.unique().numel())
 
 
 def packed_prefill(
@@ -116,7 +118,9 @@ def _distinct_prefixes(
     if prefix is None:
         return None, torch.ones(batch, 0, dtype=torch.bool, device=device), used
     kv, valid = prefix.kv["self"], prefix.valid
-    if prefix.rows is not None:
+    if prefix.rows is None and kv.shape[0] > 1:  # row i's prefix at index i
+        used = torch.arange(batch, device=device)
+    elif prefix.rows is not None:
         distinct, used = torch.unique(prefix.rows.to(device), return_inverse=True)
         kv = kv.index_select(0, distinct.to(kv.device))
         valid = None if valid is None else valid.to(device)[distinct]

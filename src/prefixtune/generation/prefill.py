@@ -144,9 +144,10 @@ def seed_cache(cache: Cache, prefix: PrefixKV, batch: int, dtype: torch.dtype) -
     """Write each row's prefix keys/values into the cache; returns the (B, P) bool key mask."""
     kv = prefix.kv["self"]  # (N, L, 2, H_kv, P, D)
     rows = prefix.rows
-    if rows is None:
-        rows = torch.zeros(batch, dtype=torch.long, device=kv.device)
-    kv = kv.index_select(0, rows)  # (B, L, 2, H_kv, P, D)
+    if rows is None:  # one prefix for every row (N == 1), or row i's at index i (N == B)
+        shared = kv.shape[0] == 1
+        rows = torch.zeros(batch, dtype=torch.long, device=kv.device) if shared else None
+    kv = kv if rows is None else kv.index_select(0, rows)  # (B, L, 2, H_kv, P, D)
     for layer in range(kv.shape[1]):
         cache.update(kv[:, layer, 0].to(dtype), kv[:, layer, 1].to(dtype), layer)
     if prefix.valid is None:
