@@ -331,7 +331,8 @@ def test_saved_artifact_loads_back_to_identical_outputs(name, arch, bpe_tokenize
     out = loaded.logits(batch["input_ids"], batch["attention_mask"], boundary=boundary)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=0)
-    model, prefix = baselines.prepare_for_generation(tmp_path / "artifact", loaded.model)
+    reloaded = baselines.load_method_artifact(tmp_path / "artifact", loaded.model)
+    prefix = reloaded.prefix
     assert (prefix is None) == (name in ("finetune", "ft-top2", "adapter"))
     files = {p.name for p in (tmp_path / "artifact").iterdir()}
     saved = sum(t.numel() for f in files if f.endswith(".safetensors")

@@ -172,7 +172,7 @@ def test_compiled_training_matches_eager(tmp_path, bpe_tokenizer):
 @pytest.mark.parametrize("chunk_values", [100, 2**18])  # chunks of 2 rows, or all 7 at once
 def test_cross_entropy_equals_torch_in_value_and_gradient(reduction, chunk_values, monkeypatch):
     from prefixtune.methods import objective
-    from prefixtune.methods.objective import _CrossEntropy
+    from prefixtune.methods.objective import TargetCrossEntropy
 
     monkeypatch.setattr(objective, "CE_CHUNK_VALUES", chunk_values)
     generator = torch.Generator().manual_seed(0)
@@ -184,7 +184,7 @@ def test_cross_entropy_equals_torch_in_value_and_gradient(reduction, chunk_value
         head.grad = None
         logits = hidden @ head  # (N, V), an intermediate as the LM head's output is
         if ours:
-            loss = _CrossEntropy.apply(logits, targets, reduction == "mean")
+            loss = TargetCrossEntropy.apply(logits, targets, reduction == "mean")
         else:
             loss = torch.nn.functional.cross_entropy(logits, targets, reduction=reduction)
         (loss * 0.37 / 3).backward()  # as the trainer weights and accumulates it

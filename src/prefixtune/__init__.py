@@ -1,10 +1,14 @@
-"""prefixtune: prefix-tuning (Li & Liang 2021) on frozen Hugging Face transformers models."""
+"""prefixtune: prefix-tuning (Li & Liang 2021) on frozen Hugging Face transformers models.
+
+The public API; the packages below it are laid out in docs/ARCHITECTURE.md."""
 
 from prefixtune.config import PrefixConfig
 from prefixtune.core.artifact import FoldedPrefix, load_prefix, save_prefix
 from prefixtune.core.attention import PrefixKV, prefixed_forward
+from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import load_model
 from prefixtune.core.prefix_encoder import PrefixEncoder, build_encoder
+from prefixtune.core.verify import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,7 +16,9 @@ __all__ = [
     "PrefixConfig",
     "PrefixEncoder",
     "PrefixKV",
+    "UnsupportedModelError",
     "build_encoder",
+    "enable_prefixes",
     "load_model",
     "load_prefix",
     "prefixed_forward",

@@ -6,7 +6,7 @@ the training step, so they can be re-checked on any machine.
   it (`attention.attend`: `math_attention` within its measured key limits) against PyTorch's
   SDPA kernel in the same dtype, and `math_attention` at every length (to re-check the limits);
 - cross-entropy: value + gradient over 1,024 x 49,152 fp32 logits, prefixtune's chunked
-  in-place loss (objective._CrossEntropy) against F.cross_entropy.
+  in-place loss (objective.TargetCrossEntropy) against F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_attention(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_cross_entropy(spec: dict[str, Any]) -> dict[str, Any]:
     """Loss and gradient of (N, V) logits produced by a frozen matmul-like op."""
-    from prefixtune.methods.objective import _CrossEntropy
+    from prefixtune.methods.objective import TargetCrossEntropy
 
     generator = torch.Generator().manual_seed(0)
     source = torch.randn(spec["rows"], spec["vocab"], generator=generator).requires_grad_()
@@ -63,7 +63,7 @@ def run_cross_entropy(spec: dict[str, Any]) -> dict[str, Any]:
     def step() -> None:
         logits = source * 1.0  # an intermediate, as the LM head's output is
         if spec["impl"] == "ours":
-            loss = _CrossEntropy.apply(logits, targets, True)
+            loss = TargetCrossEntropy.apply(logits, targets, True)
         else:
             loss = F.cross_entropy(logits, targets)
         loss.backward()

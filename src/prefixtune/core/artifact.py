@@ -129,7 +129,7 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} (JSON allows only finite numbers)")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """A JSON object of valid UTF-8 text without NaN/Infinity (anything else: ArtifactError)."""
     _regular_file(path)
     if path.stat().st_size > MAX_JSON_BYTES:
@@ -158,7 +158,7 @@ def _check_kv(path: Path, tensors: dict[str, Tensor]) -> None:
             raise ArtifactError(f"{path}: '{kind}' has no positions (shape {tuple(t.shape)})")
 
 
-def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, Tensor]:
+def read_tensors(path: Path, expected_sha: str | None) -> dict[str, Tensor]:
     _regular_file(path)
     if expected_sha and sha256_file(path) != expected_sha:
         raise ArtifactError(f"{path}: checksum mismatch (file truncated, corrupt or replaced)")
@@ -171,10 +171,10 @@ def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, Tensor]:
 def load_prefix(directory: str | Path) -> FoldedPrefix:
     """Read a folded prefix written by `save_prefix` (fp32 in memory)."""
     directory = Path(directory)
-    meta = _read_json(directory / PREFIX_JSON)
+    meta = read_json(directory / PREFIX_JSON)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{directory / PREFIX_JSON}: not a prefixtune prefix (format field)")
-    tensors = _read_tensors(directory / PREFIX_TENSORS, meta.get("sha256"))
+    tensors = read_tensors(directory / PREFIX_TENSORS, meta.get("sha256"))
     _check_kv(directory / PREFIX_TENSORS, tensors)
     kv = {kind: t.float() for kind, t in tensors.items()}
     folded = FoldedPrefix(kv, meta)
@@ -220,8 +220,8 @@ def save_encoder(directory: str | Path, encoder: PrefixEncoder, hidden_size: int
 def load_encoder(directory: str | Path) -> PrefixEncoder:
     """Rebuild a PrefixEncoder (with its MLP) from `save_encoder` output."""
     directory = Path(directory)
-    meta = _read_json(directory / ENCODER_JSON)
-    state = _read_tensors(directory / ENCODER_TENSORS, meta.get("sha256"))
+    meta = read_json(directory / ENCODER_JSON)
+    state = read_tensors(directory / ENCODER_TENSORS, meta.get("sha256"))
     config = from_dict(PrefixConfig, meta["prefix_config"], source=str(directory / ENCODER_JSON))
     shapes = {kind: KindShape(*dims) for kind, dims in meta["shapes"].items()}
     encoder = PrefixEncoder(config, shapes, meta["hidden_size"])

@@ -68,7 +68,7 @@ def _gather_beams(tokens: Tensor, beam: Tensor) -> Tensor:
     return tokens.gather(1, beam[:, :, None].expand(-1, -1, tokens.shape[2]))
 
 
-def _advance(
+def advance_beams(
     beams: Beams, logp: Tensor, step: int, config: GenerateConfig, eos: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One beam step from log-probs (A*k, V); updates `beams` in place.
@@ -136,7 +136,7 @@ def beam_search(
         if config.no_repeat_ngram_size:
             logp = ban_repeated_ngrams(logp, beams.flat_history(), config.no_repeat_ngram_size)
         beams_now = logp.shape[0] // beams.ids.shape[0]
-        parent, tokens, done = _advance(beams, logp, step, config, eos)
+        parent, tokens, done = advance_beams(beams, logp, step, config, eos)
         rows = torch.arange(parent.shape[0], device=parent.device)[:, None] * beams_now + parent
         if bool(done.any()):
             best_lens = beams.fin_lens[done, 0].tolist()

@@ -7,7 +7,7 @@ whose logits are not finite (e.g. its prefix holds NaN) while the others go on.
 
 The numbers are generate()'s: the same prefill (generate.py), the same token choice
 (`pick_tokens`, one random generator for the group seeded by `config.seed`) and the same beam
-step (beam.py's `Beams` and `_advance`), so a group's outputs equal a `generate()` call on the
+step (beam.py's `Beams` and `advance_beams`), so a group's outputs equal a `generate()` call on the
 same inputs.
 """
 
@@ -21,7 +21,7 @@ from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.attention import ATTN_NAME, PrefixKV
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import is_encoder_decoder
-from prefixtune.generation.beam import Beams, _advance
+from prefixtune.generation.beam import Beams, advance_beams
 from prefixtune.generation.prefill import (
     frozen_prefix,
     prefill_decoder,
@@ -178,7 +178,7 @@ class GroupRun:
         if config.no_repeat_ngram_size:
             logp = ban_repeated_ngrams(logp, beams.flat_history(), config.no_repeat_ngram_size)
         beams_now = logp.shape[0] // beams.ids.shape[0]
-        parent, tokens, done = _advance(beams, logp, self.steps, config, self.eos)
+        parent, tokens, done = advance_beams(beams, logp, self.steps, config, self.eos)
         rows = torch.arange(parent.shape[0], device=parent.device)[:, None] * beams_now + parent
         if bool(done.any()):
             best_lens = beams.fin_lens[done, 0].tolist()

@@ -57,8 +57,7 @@ def _load_sections(directory: Path, base_model: str, kinds: set[str]) -> list[st
         lines += ["```bash", f"prefixtune import --from peft DIR prefix_dir{model_flag}", "```", ""]
     lines += [
         "```python",
-        "from prefixtune import load_model, load_prefix, prefixed_forward",
-        "from prefixtune.core.attention import enable_prefixes",
+        "from prefixtune import enable_prefixes, load_model, load_prefix, prefixed_forward",
         "",
         f"model, tokenizer = load_model({None if default else base_model!r})",
         "enable_prefixes(model)",

@@ -14,8 +14,7 @@ metrics as prefix-tuning (`prefixtune train --method NAME`):
 Each saves only what it trains (safetensors + method.json; finetune via save_pretrained; infix
 as a folded prefix with meta "method": "infix"); checkpoints hold the same at full precision.
 
-Generation: `load_method_artifact(directory, model) -> Loaded` and
-`prepare_for_generation(directory, model) -> (model, PrefixKV | None)` work for every artifact,
+Generation: `load_method_artifact(directory, model) -> Loaded` works for every artifact,
 prefixes included. The model is a fresh copy (finetune) or `model` itself with weights loaded
 (ft-top2) or adapter hooks attached (adapter); the prefix is None for those three. `embedding`
 becomes an ordinary prefix, the frozen LM's keys/values of the virtual tokens, which reproduces
@@ -41,10 +40,10 @@ from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.core.artifact import (
     PREFIX_JSON,
     ArtifactError,
-    _read_json,
-    _read_tensors,
     check_fits,
     load_prefix,
+    read_json,
+    read_tensors,
 )
 from prefixtune.core.atomic_files import (
     atomic_write,
@@ -110,7 +109,7 @@ class Baseline(Reports, Method):
         save_tensors(directory, self.tensors(), self._meta())
 
     def load_checkpoint(self, directory: Path) -> None:
-        self.load_tensors(read_tensors(directory)[0])
+        self.load_tensors(read_method_tensors(directory)[0])
 
     def save_artifact(self, directory: Path, dtype: str = "float32", **meta: Any) -> None:
         tensors = {k: _cast(v, dtype) for k, v in self.tensors().items()}
@@ -132,9 +131,10 @@ def save_tensors(directory: Path, tensors: dict[str, Tensor], meta: dict[str, An
     atomic_write_json(directory / METHOD_JSON, {**meta, "sha256": sha256_file(path)})
 
 
-def read_tensors(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    meta = _read_json(Path(directory) / METHOD_JSON)
-    return _read_tensors(Path(directory) / "weights.safetensors", meta.get("sha256")), meta
+def read_method_tensors(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A method artifact's weights and its method.json."""
+    meta = read_json(Path(directory) / METHOD_JSON)
+    return read_tensors(Path(directory) / "weights.safetensors", meta.get("sha256")), meta
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -329,7 +329,7 @@ def _load_finetune(directory: Path, model: PreTrainedModel, meta: dict[str, Any]
 
 
 def _load_top2(directory: Path, model: PreTrainedModel, meta: dict[str, Any]) -> Loaded:
-    parts.load_layers(model, read_tensors(directory)[0])
+    parts.load_layers(model, read_method_tensors(directory)[0])
     return Loaded("ft-top2", model, meta=meta)
 
 
@@ -337,14 +337,14 @@ def _load_adapter(directory: Path, model: PreTrainedModel, meta: dict[str, Any])
     if parts.adapter_sites(model) != meta["sites"]:
         raise ArtifactError(f"{directory}: adapters were made for other layers or widths")
     adapters = parts.Adapters(meta["sites"], meta["bottleneck"])
-    adapters.load_state_dict(read_tensors(directory)[0])
+    adapters.load_state_dict(read_method_tensors(directory)[0])
     adapters.to(model.device).attach(model)
     return Loaded("adapter", model, meta=meta, module=adapters)
 
 
 def _load_embedding(directory: Path, model: PreTrainedModel, meta: dict[str, Any]) -> Loaded:
     _decoder_only(model, "embedding")
-    embeddings = read_tensors(directory)[0]["embeddings"]
+    embeddings = read_method_tensors(directory)[0]["embeddings"]
     return Loaded("embedding", model, parts.virtual_prefix(model, embeddings.float()), meta)
 
 
@@ -356,7 +356,7 @@ def load_method_artifact(directory: str | Path, model: PreTrainedModel) -> Loade
     """Load any method's artifact (a baseline's method.json or a prefix/infix prefix.json)."""
     directory = Path(directory)
     if (directory / METHOD_JSON).exists():
-        meta = _read_json(directory / METHOD_JSON)
+        meta = read_json(directory / METHOD_JSON)
         if meta.get("method") not in LOADERS:
             raise ArtifactError(f"{directory / METHOD_JSON}: unknown method {meta.get('method')!r}")
         return LOADERS[meta["method"]](directory, model, meta)
@@ -368,11 +368,3 @@ def load_method_artifact(directory: str | Path, model: PreTrainedModel) -> Loade
         _decoder_only(model, "infix")
     check_fits(folded.shapes(), model_shapes(model), str(directory))
     return Loaded(method, model, folded.to_prefix_kv(model.device), folded.meta)
-
-
-def prepare_for_generation(
-    directory: str | Path, model: PreTrainedModel
-) -> tuple[PreTrainedModel, PrefixKV | None]:
-    """(model to run, prefix to inject) for any artifact; see the module docstring for infix."""
-    loaded = load_method_artifact(directory, model)
-    return loaded.model, loaded.prefix

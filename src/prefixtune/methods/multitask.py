@@ -29,11 +29,8 @@ from transformers import PreTrainedModel
 
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import (
-    ArtifactError,
-    FoldedPrefix,
-    _read_json,
     load_encoder,
-    load_prefix,
+    read_json,
     save_encoder,
     save_prefix,
 )
@@ -176,7 +173,7 @@ class MultiPrefixMethod(Method):
         atomic_write_json(directory / TASKS_JSON, {"tasks": list(self.encoders)})
 
     def load_checkpoint(self, directory: Path) -> None:
-        saved = _read_json(directory / TASKS_JSON).get("tasks")
+        saved = read_json(directory / TASKS_JSON).get("tasks")
         if saved != list(self.encoders):
             raise ConfigError(
                 f"{directory} holds tasks {saved}, but this run trains {list(self.encoders)}"
@@ -208,25 +205,3 @@ def build(model, tokenizer, prefix: PrefixConfig, seed: int = 0,
     encoders = {t.name: build_encoder(model, prefix, tokenizer, seed=seed + i)
                 for i, t in enumerate(tasks)}  # fmt: skip
     return MultiPrefixMethod(model, encoders, tasks)
-
-
-def load_prefix_set(directory: str | Path) -> dict[str, FoldedPrefix]:
-    """The folded prefixes of a multi-task run (out/prefixes), name -> prefix, in task-id order."""
-    directory = Path(directory)
-    index = _read_json(directory / INDEX_JSON)
-    if index.get("format") != INDEX_FORMAT:
-        raise ArtifactError(f"{directory / INDEX_JSON}: not a prefixtune prefix set (format field)")
-    entries = sorted(index.get("tasks") or [], key=lambda e: e["task_id"])
-    return {e["name"]: load_prefix(directory / e["path"]) for e in entries}
-
-
-def prefix_set_kv(prefixes: dict[str, FoldedPrefix], row_tasks: list[str],
-                  device: str | torch.device = "cpu") -> PrefixKV:  # fmt: skip
-    """A mixed-task PrefixKV: row i uses prefixes[row_tasks[i]]."""
-    names = list(prefixes)
-    unknown = sorted(set(row_tasks) - set(names))
-    if unknown:
-        raise ArtifactError(f"no prefix for task(s) {unknown}; the set has {names}")
-    rows = torch.tensor([names.index(t) for t in row_tasks], dtype=torch.long, device=device)
-    return PrefixKV.stack([{k: t.to(device) for k, t in p.kv.items()} for p in prefixes.values()],
-                          rows)  # fmt: skip

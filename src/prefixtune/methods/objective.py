@@ -70,14 +70,14 @@ def target_loss(
     mask, targets = target_positions(model, labels)
     logits = lm_logits(model, hidden[mask])  # (N, V) for the N target tokens only
     if reduction in ("mean", "sum") and not torch.compiler.is_compiling():
-        return _CrossEntropy.apply(logits.float(), targets, reduction == "mean")
+        return TargetCrossEntropy.apply(logits.float(), targets, reduction == "mean")
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 CE_CHUNK_VALUES = 2**18  # logits per chunk (1 MiB of fp32): each chunk's passes stay in cache
 
 
-class _CrossEntropy(torch.autograd.Function):
+class TargetCrossEntropy(torch.autograd.Function):
     """Cross-entropy of (N, V) fp32 logits that nothing else uses: the loss is
     logsumexp - logit[target]; backward turns the saved logits into the softmax in place and
     subtracts 1 at the targets. Both run over chunks of rows small enough to stay in cache.
