@@ -1,7 +1,7 @@
 """A run directory written by the previous release (the flat layout, before the package move)
 still loads, generates the tokens it generated then, serves, and exports to PEFT.
 
-tests/data/legacy_run/ was made by its make.py with prefixtune at git 2f9d47b; expected.json
+tests/fixtures/legacy_run/ was made by its make.py with prefixtune at git 2f9d47b; expected.json
 holds what that release decoded. Nothing here regenerates it.
 """
 
@@ -24,7 +24,7 @@ from prefixtune.serving.scheduler import Scheduler
 
 from conftest import tiny_gpt2
 
-RUN = Path(__file__).parent / "data" / "legacy_run"
+RUN = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_run"
 EXPECTED = json.loads((RUN / "expected.json").read_text())
 GREEDY = GenerateConfig(max_new_tokens=6, num_beams=1)
 

@@ -26,7 +26,7 @@ from prefixtune.evaluation.official_e2e import mteval_nist, mteval_normalize, mt
 
 DATA_DIR = Path(
     os.environ.get(
-        "PREFIXTUNE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
+        "PREFIXTUNE_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"
     )
 )
 CHECK_FILE = DATA_DIR / "e2e" / "metric_check_dev200.json"

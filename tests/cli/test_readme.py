@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_readme_api_example_runs(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
