@@ -51,3 +51,17 @@ def test_bad_input_is_one_clear_line(argv, message, model_dir, tmp_path, capsys)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r" / "prefix").exists()
+
+
+def test_the_console_command_resolves_and_every_subcommand_has_help(capsys):
+    """`prefixtune` as installed (the console-script entry point), not only `cli.main.main`."""
+    from importlib.metadata import entry_points
+
+    from prefixtune.cli.main import COMMANDS
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "prefixtune"]
+    assert script.load() is main
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and f"usage: prefixtune {command}" in capsys.readouterr().out

@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import test_serve
 from prefixtune.config import ConfigError
 from prefixtune.core.artifact import PREFIX_JSON, PREFIX_TENSORS, ArtifactError, save_prefix
 from prefixtune.core.atomic_files import sha256_file
 from prefixtune.core.prefix_encoder import model_shapes
 from prefixtune.serving.app import ServeConfig
+
+import test_serve
 from test_serve import ADMIN, SOURCES, _free_port, _fresh_scheduler, call, random_prefix
 
 served = test_serve.served  # the module-scoped fixture: a tiny GPT-2 server with 8 prefixes

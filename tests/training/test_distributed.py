@@ -24,9 +24,9 @@ from prefixtune.core.artifact import load_encoder, load_prefix
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.training.distributed import Distributed
 from prefixtune.training.trainer import Trainer
-from test_multitask import load_prefix_set
 
 from conftest import TOKENIZER_VOCAB, tiny_gpt2, tiny_llama
+from test_multitask import load_prefix_set
 
 TOLERANCE = 1e-5
 
