@@ -1,6 +1,9 @@
-"""Tiny random models built in-process (no network): GPT-2, Llama with GQA, Gemma-3, BART."""
+"""Tiny random models built in-process (no network): GPT-2 and Llama with GQA (the bench's, from
+prefixtune.bench.common), Gemma-3 and BART."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,31 +12,15 @@ from transformers import (
     BartForConditionalGeneration,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
-VOCAB = 96
+from prefixtune.bench.common import TINY_VOCAB as VOCAB
+from prefixtune.bench.common import tiny_gpt2, tiny_llama  # the bench's tiny models
+from prefixtune.core.artifact import ArtifactError, FoldedPrefix, load_prefix, read_json
+from prefixtune.core.attention import PrefixKV
+from prefixtune.methods.multitask import INDEX_FORMAT, INDEX_JSON
+
 X = torch.tensor([[10, 11, 12, 13, 14]])
-
-
-def tiny_gpt2(vocab: int = VOCAB) -> GPT2LMHeadModel:
-    config = GPT2Config(
-        n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, n_positions=128, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
-
-
-def tiny_llama(vocab: int = VOCAB) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-        intermediate_size=64, vocab_size=vocab, max_position_embeddings=128, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_gemma3(sliding_window: int = 4) -> Gemma3ForCausalLM:
@@ -142,3 +129,26 @@ def model_dir(tmp_path_factory, bpe_tokenizer):
         tiny_gpt2(TOKENIZER_VOCAB).save_pretrained(path)
     bpe_tokenizer.save_pretrained(path)
     return path
+
+
+# A multi-task run's prefix set (out/prefixes), read the way a user would read it.
+def load_prefix_set(directory: str | Path) -> dict[str, FoldedPrefix]:
+    """The folded prefixes of a multi-task run (out/prefixes), name -> prefix, in task-id order."""
+    directory = Path(directory)
+    index = read_json(directory / INDEX_JSON)
+    if index.get("format") != INDEX_FORMAT:
+        raise ArtifactError(f"{directory / INDEX_JSON}: not a prefixtune prefix set (format field)")
+    entries = sorted(index.get("tasks") or [], key=lambda e: e["task_id"])
+    return {e["name"]: load_prefix(directory / e["path"]) for e in entries}
+
+
+def prefix_set_kv(prefixes: dict[str, FoldedPrefix], row_tasks: list[str],
+                  device: str | torch.device = "cpu") -> PrefixKV:  # fmt: skip
+    """A mixed-task PrefixKV: row i uses prefixes[row_tasks[i]]."""
+    names = list(prefixes)
+    unknown = sorted(set(row_tasks) - set(names))
+    if unknown:
+        raise ArtifactError(f"no prefix for task(s) {unknown}; the set has {names}")
+    rows = torch.tensor([names.index(t) for t in row_tasks], dtype=torch.long, device=device)
+    return PrefixKV.stack([{k: t.to(device) for k, t in p.kv.items()} for p in prefixes.values()],
+                          rows)  # fmt: skip

@@ -8,7 +8,7 @@ from prefixtune.core.attention import PrefixKV, prefixed_forward
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import load_model
 from prefixtune.core.prefix_encoder import PrefixEncoder, build_encoder
-from prefixtune.core.verify import UnsupportedModelError
+from prefixtune.core.verdict import UnsupportedModelError
 
 __version__ = "0.1.0"
 __all__ = [

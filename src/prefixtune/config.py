@@ -66,7 +66,8 @@ class TrainConfig:
     Several, comma-separated, train one prefix per task in one run: 'e2e,webnlg' or
     'e2e=e2e,web=data/web.jsonl' (NAME=DATASET; see docs/SCALING.md)."""
     model: str = ""
-    """Base model: a hub id or local directory; empty for the embedded default (SmolLM2-135M)."""
+    """Base model: a hub id or local directory; 'gemma3-270m' for the embedded Gemma-3-270M;
+    empty for the embedded default (SmolLM2-135M)."""
     method: str = "prefix"
     """Training method: prefix, or a baseline (finetune, ft-top2, adapter, embedding, infix);
     multitask: one prefix per task of --data (implied when --data names several tasks)."""

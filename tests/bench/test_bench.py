@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from prefixtune.bench import peft_families
 from prefixtune.bench import plan as bench_plan
 from prefixtune.bench import report as bench_report
 from prefixtune.bench.common import Memory, build_ours, build_peft, copy_peft_weights
@@ -217,7 +218,11 @@ def test_quick_suite_runs_end_to_end(tmp_path):
     assert all(p.get("ratio") for p in kernels)  # each paired with PyTorch's own kernel
     pairs = [p for p in report["comparisons"] if p["suite"] in ("generate", "multitenant")
              and "/fp32/" in p["key"]]  # fmt: skip
-    assert pairs and all(p["same_tokens_rows"] == "8/8" for p in pairs)  # same greedy tokens
+    assert pairs
+    # Same greedy tokens, where PEFT's generate sees its prefix: on transformers >= 5.24 (make
+    # test-latest) it ignores it (docs/MODELS.md, "Side by side with PEFT"), so tokens differ.
+    if peft_families.check_peft("llama-3.1").generate:
+        assert all(p["same_tokens_rows"] == "8/8" for p in pairs)
     assert {t["target"] for t in report["targets"]} == set(bench_report_targets())
     assert all("mfu" in row for row in report["mfu"])
     assert (tmp_path / "bench.md").read_text().startswith("# prefixtune bench")

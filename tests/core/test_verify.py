@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from prefixtune.config import PrefixConfig
@@ -17,7 +18,8 @@ from prefixtune.core.attention import ATTN_NAME, PrefixKV, prefixed_forward
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.prefix_encoder import KindShape, build_encoder
 from prefixtune.core.runtime import enable_gradient_checkpointing
-from prefixtune.core.verify import UNVERIFIED_ENV, VERDICT_ATTR, UnsupportedModelError
+from prefixtune.core.verdict import UNVERIFIED_ENV, UnsupportedModelError
+from prefixtune.core.verify import VERDICT_ATTR
 from prefixtune.serving.bank import PrefixBank
 
 from conftest import BUILDERS, X, tiny_llama
@@ -52,8 +54,11 @@ REFUSALS = {
     "stablelm": ("(b) in the path", "never called prefixtune's function"),
     "gptj": ("(b) in the path", "bypasses transformers' attention interface"),
     "gpt_oss": ("(a) unchanged", "attention sinks"),
-    "gemma2": ("probe", "soft-capping"),
 }
+# transformers 5.24 moved GPT-J onto the attention interface: from then on it is supported.
+GPTJ_ON_INTERFACE = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 24)
+if GPTJ_ON_INTERFACE:
+    del REFUSALS["gptj"]
 
 
 def tiny(model_type: str):
@@ -227,7 +232,23 @@ def test_escape_hatch_warns_loudly_and_keeps_the_switch(monkeypatch):
 def test_escape_hatch_needs_exactly_one(monkeypatch, value):
     monkeypatch.setenv(UNVERIFIED_ENV, value)
     with pytest.raises(UnsupportedModelError):
-        enable_prefixes(tiny("gptj"))
+        enable_prefixes(tiny("mpt"))
+
+
+@pytest.mark.skipif(not GPTJ_ON_INTERFACE, reason="GPT-J bypasses the interface before 5.24")
+def test_gptj_on_the_attention_interface_is_verified_and_exact():
+    model = tiny("gptj")
+    ids = torch.tensor([[5, 17, 9, 23, 11, 30, 7]])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits[:, 4:]
+        cache = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+    kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers])
+    enable_prefixes(model)
+    assert getattr(model, VERDICT_ATTR).verified
+    x = ids[:, 4:]
+    with torch.no_grad():
+        out = prefixed_forward(model, x, torch.ones_like(x), PrefixKV({"self": kv[None]})).logits
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_serving_bank_refuses_an_unsupported_model_even_with_shapes_given():

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig
 from prefixtune.core.artifact import (
-    ArtifactError,
-    FoldedPrefix,
     load_encoder,
-    load_prefix,
-    read_json,
 )
-from prefixtune.core.attention import PrefixKV, prefixed_forward
+from prefixtune.core.attention import prefixed_forward
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import collate, collate_seq2seq, encode
 from prefixtune.methods.multitask import (
-    INDEX_FORMAT,
-    INDEX_JSON,
     TASK_KEY,
     Task,
     TaskEncoded,
@@ -35,33 +28,17 @@ from prefixtune.methods.prefix_method import PrefixMethod
 from prefixtune.methods.registry import build_method
 from prefixtune.training.trainer import Trainer
 
-from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2, tiny_llama
+from conftest import (
+    TOKENIZER_VOCAB,
+    load_prefix_set,
+    prefix_set_kv,
+    tiny_bart,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 LIMITS = {"max_source_tokens": 48, "max_target_tokens": 24}
 PREFIX = PrefixConfig(length=3, mlp_hidden=16)
-
-
-# A multi-task run's prefix set (out/prefixes), read the way a user would read it.
-def load_prefix_set(directory: str | Path) -> dict[str, FoldedPrefix]:
-    """The folded prefixes of a multi-task run (out/prefixes), name -> prefix, in task-id order."""
-    directory = Path(directory)
-    index = read_json(directory / INDEX_JSON)
-    if index.get("format") != INDEX_FORMAT:
-        raise ArtifactError(f"{directory / INDEX_JSON}: not a prefixtune prefix set (format field)")
-    entries = sorted(index.get("tasks") or [], key=lambda e: e["task_id"])
-    return {e["name"]: load_prefix(directory / e["path"]) for e in entries}
-
-
-def prefix_set_kv(prefixes: dict[str, FoldedPrefix], row_tasks: list[str],
-                  device: str | torch.device = "cpu") -> PrefixKV:  # fmt: skip
-    """A mixed-task PrefixKV: row i uses prefixes[row_tasks[i]]."""
-    names = list(prefixes)
-    unknown = sorted(set(row_tasks) - set(names))
-    if unknown:
-        raise ArtifactError(f"no prefix for task(s) {unknown}; the set has {names}")
-    rows = torch.tensor([names.index(t) for t in row_tasks], dtype=torch.long, device=device)
-    return PrefixKV.stack([{k: t.to(device) for k, t in p.kv.items()} for p in prefixes.values()],
-                          rows)  # fmt: skip
 
 
 def test_task_specs_parse_and_bad_ones_name_the_problem():

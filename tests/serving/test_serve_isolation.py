@@ -19,7 +19,8 @@ from prefixtune.core.prefix_encoder import model_shapes
 from prefixtune.generation.engine import generate
 from prefixtune.generation.sampling import pick_tokens
 from prefixtune.serving.bank import PrefixBank
-from prefixtune.serving.scheduler import RequestFailed, Scheduler
+from prefixtune.serving.requests import RequestFailed
+from prefixtune.serving.scheduler import Scheduler
 
 from conftest import TOKENIZER_VOCAB, tiny_bart, tiny_gpt2
 

@@ -25,8 +25,7 @@ from prefixtune.data.builtin import builtin_examples
 from prefixtune.training.distributed import Distributed
 from prefixtune.training.trainer import Trainer
 
-from conftest import TOKENIZER_VOCAB, tiny_gpt2, tiny_llama
-from test_multitask import load_prefix_set
+from conftest import TOKENIZER_VOCAB, load_prefix_set, tiny_gpt2, tiny_llama
 
 TOLERANCE = 1e-5
 

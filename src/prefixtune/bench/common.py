@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from prefixtune.core.runtime import autocast_context, autocast_dtype
 from prefixtune.data.encoding import IGNORE_INDEX
 
 MODELS = ("gpt2-small-random", "smollm2", "smollm2-random", "tiny-gpt2", "tiny-llama")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+TINY_VOCAB = 96
 LONG_POSITIONS = 2048  # random GPT-2 models get room for 1024 tokens + a 200-token prefix
 
 # SmolLM2-135M's architecture (config.json of the embedded model), for random-weight speed runs
@@ -51,20 +52,26 @@ class ByteTokenizer:
         return {"input_ids": [self._one(t) for t in text]}
 
 
-def _tiny(name: str, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def tiny_gpt2(vocab: int = TINY_VOCAB, positions: int = 128):
+    """A random 2-layer, 32-wide GPT-2 (pad 0, BOS 1, EOS 2) in eval mode, seeded by the caller's
+    torch RNG: the `tiny-gpt2` bench model, and the one the tests build."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    if name == "tiny-gpt2":
-        config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=96,
-                            n_positions=LONG_POSITIONS, bos_token_id=1, eos_token_id=2,
-                            pad_token_id=0)  # fmt: skip
-        return GPT2LMHeadModel(config)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, n_positions=positions,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(vocab: int = TINY_VOCAB, positions: int = 128):
+    """A random 2-layer, 32-wide Llama with grouped-query attention (4 heads, 2 KV heads), like
+    tiny_gpt2 otherwise: the `tiny-llama` bench model, and the one the tests build."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         hidden_size=32, intermediate_size=64, vocab_size=96,
-                         max_position_embeddings=LONG_POSITIONS, bos_token_id=1, eos_token_id=2,
+                         hidden_size=32, intermediate_size=64, vocab_size=vocab,
+                         max_position_embeddings=positions, bos_token_id=1, eos_token_id=2,
                          pad_token_id=0)  # fmt: skip
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).eval()
 
 
 def smollm2_tokenizer():
@@ -95,7 +102,8 @@ def build_model(name: str, *, seed: int = 0, tokenizer: bool = False):
     if name == "smollm2":
         model, tok = load_model(None)
     elif name.startswith("tiny-"):
-        model = _tiny(name, seed)
+        torch.manual_seed(seed)
+        model = (tiny_gpt2 if name == "tiny-gpt2" else tiny_llama)(positions=LONG_POSITIONS)
         tok = ByteTokenizer(model.config.vocab_size) if tokenizer else None
     else:
         torch.manual_seed(seed)
@@ -177,7 +185,8 @@ def prompt_rows(vocab: int, count: int, low: int, high: int, seed: int = 0) -> l
 
 
 def autocast(dtype: str):
-    return torch.autocast("cpu", dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None)
+    """The CPU autocast context of a bench dtype name (fp32: none)."""
+    return autocast_context(autocast_dtype(dtype), "cpu")
 
 
 # ------------------------------------------------------------------------------ memory
@@ -304,7 +313,7 @@ def environment() -> dict[str, Any]:
 
     import transformers
 
-    from prefixtune.core.runtime import autocast_dtype, native_bf16
+    from prefixtune.core.runtime import native_bf16
 
     try:
         import peft

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from prefixtune.core.models import text_config
+
 _NON_GATED = ("gpt2", "gpt_neo", "gptj", "gpt_bigcode")
 
 
@@ -53,7 +55,7 @@ class Geometry:
 
 def geometry(config) -> Geometry:
     """Read the block geometry off a decoder-only config (GPT-2 style or Llama-style gated MLP)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     if config.model_type in _NON_GATED:
         hidden, heads = config.n_embd, config.n_head
         ffn = getattr(config, "n_inner", None) or 4 * hidden

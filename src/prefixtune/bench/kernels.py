@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from prefixtune.bench.common import DTYPES, autocast, measure, rates
+from prefixtune.bench.common import autocast, measure, rates
+from prefixtune.core.models import dtype_named
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 QUERIES = 1024
@@ -31,7 +32,7 @@ def run_attention(spec: dict[str, Any]) -> dict[str, Any]:
     length, prefix = spec["queries"], spec["prefix_len"]
     rows, keys = max(1, QUERIES // length), prefix + length
     generator = torch.Generator().manual_seed(0)
-    dtype = DTYPES[spec["dtype"]] or torch.float32
+    dtype = dtype_named(spec["dtype"])
 
     def tensor(heads: int, positions: int) -> torch.Tensor:
         values = torch.randn(rows, heads, positions, HEAD_DIM, generator=generator)

@@ -27,15 +27,13 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     kind = spec["kind"]
     if kind == "peak":
-        import torch
-
         from prefixtune.bench.flops import matmul_peak
+        from prefixtune.core.models import dtype_named
 
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         if spec.get("quick"):
             shapes, seconds, rounds = ((128, 128, 128), (256, 64, 256)), 0.1, 1
-            return {n: matmul_peak(dtypes[n], shapes, seconds, rounds) for n in spec["dtypes"]}
-        return {name: matmul_peak(dtypes[name]) for name in spec["dtypes"]}
+            return {n: matmul_peak(dtype_named(n), shapes, seconds, rounds) for n in spec["dtypes"]}
+        return {name: matmul_peak(dtype_named(name)) for name in spec["dtypes"]}
     if kind in ("train", "real", "equal_loss"):
         from prefixtune.bench import train as bench_train
 

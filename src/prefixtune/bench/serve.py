@@ -25,12 +25,15 @@ import torch
 from prefixtune.config import GenerateConfig
 from prefixtune.core.artifact import save_prefix
 from prefixtune.core.atomic_files import atomic_write_json
+from prefixtune.core.models import load_model, public_model_id
 from prefixtune.core.prefix_encoder import capture_kv, word_ids
+from prefixtune.core.runtime import resolve_device
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.encoding import prompt_ids
 from prefixtune.generation.engine import generate
+from prefixtune.generation.prefill import pad_prompts
 from prefixtune.serving.bank import PrefixBank
-from prefixtune.serving.scheduler import Scheduler, pad_prompts
+from prefixtune.serving.scheduler import Scheduler
 
 MODES = ("mixed_continuous", "mixed_dynamic", "per_prefix")
 
@@ -120,12 +123,8 @@ def bench_serve(
 
     `model`/`tokenizer` may be passed instead of a name (tests). Writes `out_json` if given.
     """
-    from prefixtune.core.models import load_model
-
     if model is None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_model(model_dir_or_name, device=device)
+        model, tokenizer = load_model(model_dir_or_name, device=str(resolve_device(device)))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = GenerateConfig(max_new_tokens=max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -169,7 +168,7 @@ def bench_serve(
     agree = {mode: sum(a == b for a, b in zip(runs[mode][0]["outputs"], reference, strict=True))
              / len(reference) for mode in MODES[:2]}  # fmt: skip
     report = {
-        "model": str(getattr(model.config, "_name_or_path", "") or model.config.model_type),
+        "model": public_model_id(model),
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from prefixtune.bench.common import (
-    DTYPES,
     autocast,
     build_model,
     build_ours,
@@ -21,6 +20,8 @@ from prefixtune.bench.common import (
     synthetic_batch,
 )
 from prefixtune.bench.flops import geometry, train_step_flops
+from prefixtune.core.models import SHORT_DTYPE_NAMES
+from prefixtune.core.runtime import autocast_dtype
 from prefixtune.methods.objective import hidden_states, target_loss, target_positions
 from prefixtune.training.weight_cast import frozen_weights_in
 
@@ -47,7 +48,7 @@ def _as_trainer_casts(spec: dict[str, Any], model):
     """Frozen weights in the autocast dtype, as Trainer.fit keeps them: for prefixtune and for
     the frozen floor (a naive frozen step could cast them just as well); PEFT runs as it comes."""
     frozen = spec["impl"] in ("ours", "frozen")
-    return frozen_weights_in(model, DTYPES[spec["dtype"]] if frozen else None)
+    return frozen_weights_in(model, autocast_dtype(spec["dtype"]) if frozen else None)
 
 
 def _setup(spec: dict[str, Any], model, batch):
@@ -159,10 +160,10 @@ def _pass_flops(model, items, spec) -> int:
 def _train_config(spec: dict[str, Any], out: str):
     from prefixtune.config import TrainConfig
 
-    autocast_name = "bfloat16" if spec["dtype"] == "bf16" else "float32"
     return TrainConfig(data="e2e", out=out, dev_split="", batch_size=spec["batch"],
-                       max_steps=10**6, autocast=autocast_name, device="cpu", progress=False,
-                       seed=spec.get("seed", 0), lr=LR, compile=spec.get("compile", False))  # fmt: skip
+                       max_steps=10**6, autocast=SHORT_DTYPE_NAMES[spec["dtype"]], device="cpu",
+                       progress=False, seed=spec.get("seed", 0), lr=LR,
+                       compile=spec.get("compile", False))  # fmt: skip
 
 
 def _ours_passes(spec, model, tokenizer, examples, out):
@@ -197,7 +198,8 @@ def _ours_passes(spec, model, tokenizer, examples, out):
 def _peft_passes(spec, model, tokenizer, examples, out):
     """PEFT as its docs show: examples in order, padded to the batch's longest, full logits."""
     from prefixtune.data.encoding import collate
-    from prefixtune.training.trainer import encode_examples, linear_schedule
+    from prefixtune.training.prepare import encode_examples
+    from prefixtune.training.trainer import linear_schedule
 
     items = encode_examples(examples, model, tokenizer, _train_config(spec, out))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                "add_arguments_export", "run_export"),
     "import": ("prefixtune.cli.interop", "import a prefix from another format (PEFT)",
                "add_arguments_import", "run_import"),
+    "models": ("prefixtune.cli.models", "model families prefixtune supports, checked (--check)"),
 }  # fmt: skip
 
 

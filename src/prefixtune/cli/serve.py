@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ServeConfig, args)  # a public --host needs a token or a flag
     if config.prefixes and not Path(config.prefixes).is_dir():
         raise ConfigError(f"--prefixes {config.prefixes}: not a directory")
-    if not is_loopback(config.host):
-        log.warning("listening on %s: anyone who can reach it may generate", config.host)
+    if not is_loopback(config.host) and not config.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it may generate",
+                    config.host)  # fmt: skip
     server = build_server(config)  # artifacts that do not fit are logged and skipped
     log.info("serving %d prefixes (%s batching) on http://%s:%d", len(server.bank),
              server.scheduler.stats()["mode"], config.host, config.port)  # fmt: skip

@@ -24,6 +24,7 @@ from torch import Tensor
 from prefixtune.config import PrefixConfig, from_dict, to_dict
 from prefixtune.core.atomic_files import atomic_write, atomic_write_json, sha256_file
 from prefixtune.core.attention import PrefixKV
+from prefixtune.core.models import DTYPES
 from prefixtune.core.prefix_encoder import KindShape, PrefixEncoder
 
 FORMAT = "prefixtune-prefix"
@@ -31,7 +32,7 @@ VERSION = 1
 PREFIX_TENSORS, PREFIX_JSON = "prefix.safetensors", "prefix.json"
 RUN_ARTIFACT = "prefix"  # a run dir keeps its artifact here (train.ARTIFACT_DIR)
 ENCODER_TENSORS, ENCODER_JSON = "encoder.safetensors", "encoder.json"
-_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "bfloat16")  # what an artifact may store its tensors in
 MAX_JSON_BYTES = 16 << 20  # a prefix.json is a few kB; refuse to read a huge one
 
 
@@ -80,6 +81,13 @@ def trained_separator(meta: dict[str, Any]) -> str:
     return separator if isinstance(separator, str) else "\n"
 
 
+def save_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a SAVE_DTYPES name (--save-dtype); ArtifactError for any other."""
+    if name not in SAVE_DTYPES:
+        raise ArtifactError(f"--save-dtype must be one of {sorted(SAVE_DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def save_prefix(
     directory: str | Path,
     kv: dict[str, Tensor],
@@ -90,12 +98,9 @@ def save_prefix(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a folded prefix to `directory` (created if needed); returns the directory."""
-    if dtype not in _SAVE_DTYPES:
-        raise ArtifactError(f"prefix dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+    torch_dtype = save_dtype(dtype)
     directory = Path(directory)
-    tensors = {
-        kind: t.detach().to(_SAVE_DTYPES[dtype]).contiguous().cpu() for kind, t in kv.items()
-    }
+    tensors = {kind: t.detach().to(torch_dtype).contiguous().cpu() for kind, t in kv.items()}
     path = atomic_write(
         directory / PREFIX_TENSORS,
         lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}),

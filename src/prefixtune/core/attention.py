@@ -20,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from prefixtune.core.math_attention import math_attention
+from prefixtune.core.softcap_attention import softcapped_attention
 
 ATTN_NAME = "prefixtune"
 SITE_ATTR = "_prefixtune_site"
@@ -226,6 +227,8 @@ def attend(module, query, key, value, attention_mask, kwargs: dict,
 
 
 def _sdpa(module, query, key, value, attention_mask, kwargs) -> tuple[Tensor, Tensor | None]:
+    if kwargs.get("softcap") is not None:  # SDPA has no soft-capping: eager, as the family does
+        return softcapped_attention(module, query, key, value, attention_mask, **kwargs)
     if _native_gqa(module, query, attention_mask, kwargs):
         return _gqa_attention(query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

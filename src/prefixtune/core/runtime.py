@@ -1,8 +1,9 @@
-"""Runtime choices around a loaded model: the autocast dtype the hardware supports, gradient
-checkpointing, and torch.compile for training and decoding."""
+"""Runtime choices around a loaded model: the device ('auto'), the autocast dtype the hardware
+supports and its context, gradient checkpointing, and torch.compile for training and decoding."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,22 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     except OSError:
         return torch.backends.cpu.get_cpu_capability() == "AMX"
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device a --device flag names: 'auto' is CUDA where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(
+    dtype: torch.dtype | None, device: str | torch.device
+) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`'s type; None: a no-op context (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def autocast_dtype(requested: str, device: str | torch.device = "cpu") -> torch.dtype | None:

@@ -106,6 +106,29 @@ def prompt_ids(
     return _assemble(_ids(tokenizer, [source])[0], bos, sep, max_source_tokens)[0]
 
 
+def encode_prompt(
+    source: str,
+    tokenizer: Any,
+    *,
+    encoder_decoder: bool,
+    separator: str = "\n",
+    max_source_tokens: int | None = None,
+) -> list[int]:
+    """The ids any model is fed for `source` before generating (evaluation and serving).
+
+    Decoder-only: :func:`prompt_ids` in the format the prefix was trained with (its
+    `separator`). Encoder-decoder: the tokenized source, cut to ``max_source_tokens`` if given
+    (the separator is unused there).
+    """
+    if not encoder_decoder:
+        return prompt_ids(
+            source, tokenizer, separator=separator, max_source_tokens=max_source_tokens
+        )
+    if max_source_tokens is None:
+        return list(tokenizer(source)["input_ids"])
+    return list(tokenizer(source, truncation=True, max_length=max_source_tokens)["input_ids"])
+
+
 def _truncate_keep_tail(ids: list[int], max_len: int, n_tail: int) -> list[int]:
     """Cut ``ids`` to ``max_len`` keeping its last ``n_tail`` (special) tokens."""
     return ids[: max_len - n_tail] + ids[len(ids) - n_tail :]

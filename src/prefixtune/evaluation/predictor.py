@@ -28,12 +28,12 @@ from prefixtune.core.attention import PrefixKV
 from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.prefix_encoder import model_shapes
-from prefixtune.data.encoding import Encoded, collate_seq2seq, prompt_ids
+from prefixtune.data.encoding import encode_prompt
 from prefixtune.data.readers import load_examples, subsample
 from prefixtune.data.records import DATASETS, Example
 from prefixtune.evaluation.metrics import score
 from prefixtune.generation.engine import generate
-from prefixtune.generation.prefill import left_pad
+from prefixtune.generation.prefill import pad_prompts
 
 if TYPE_CHECKING:
     from prefixtune.methods.baselines import Loaded
@@ -78,19 +78,13 @@ class Predictor:
     def prompt(self, source: str) -> list[int]:
         if not source.strip():
             raise ConfigError("an input line is empty: give a source text on every line")
-        if is_encoder_decoder(self.model):
-            ids = self.tokenizer(source, truncation=True, max_length=self.max_source_tokens)
-            return ids["input_ids"]
-        return prompt_ids(source, self.tokenizer, separator=self.separator,
-                          max_source_tokens=self.max_source_tokens)  # fmt: skip
-
-    def _pad(self, rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder-only prompts are left-padded; BART encoder inputs right-padded (its learned
-        positions ignore the attention mask)."""
-        if not is_encoder_decoder(self.model):
-            return left_pad(rows, pad)
-        batch = collate_seq2seq([Encoded(r, [pad]) for r in rows], pad)
-        return batch["input_ids"], batch["attention_mask"]
+        return encode_prompt(
+            source,
+            self.tokenizer,
+            encoder_decoder=is_encoder_decoder(self.model),
+            separator=self.separator,
+            max_source_tokens=self.max_source_tokens,
+        )
 
     def _prefix_kv(self, mask: torch.Tensor) -> PrefixKV | None:
         """The batch's prefix; an infix also needs the (B, T) prompt mask to place itself."""
@@ -125,7 +119,7 @@ class Predictor:
         eos = self.tokenizer.eos_token_id
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="generate", disable=not progress, dynamic_ncols=True):
-            ids, mask = self._pad([prompts[i] for i in batch], pad)
+            ids, mask = pad_prompts(self.model, [prompts[i] for i in batch], pad)
             ids, mask = ids.to(self.model.device), mask.to(self.model.device)
             generated = generate(self.model, ids, mask, self._prefix_kv(mask), config,
                                  eos_token_id=eos, pad_token_id=pad)  # fmt: skip

@@ -132,22 +132,39 @@ def beam_search(
     beams = Beams.start(history, config.num_beams, config.max_new_tokens, pad_token_id)
     results: list[list[int]] = [[] for _ in range(history.shape[0])]
     for step in range(config.max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (A*k, V), once per step
-        if config.no_repeat_ngram_size:
-            logp = ban_repeated_ngrams(logp, beams.flat_history(), config.no_repeat_ngram_size)
-        beams_now = logp.shape[0] // beams.ids.shape[0]
-        parent, tokens, done = advance_beams(beams, logp, step, config, eos)
-        rows = torch.arange(parent.shape[0], device=parent.device)[:, None] * beams_now + parent
-        if bool(done.any()):
-            best_lens = beams.fin_lens[done, 0].tolist()
-            best = beams.fin_tokens[done, 0].tolist()
-            for i, row, n in zip(beams.ids[done].tolist(), best, best_lens, strict=True):
-                results[i] = row[:n]
-            left = (~done).nonzero().squeeze(1)
-            if left.numel() == 0:
-                break
-            beams.keep(left)
-            rows, tokens = rows[left], tokens[left]
-        state.select(rows.reshape(-1))  # (A*K,) follow the beams, drop done inputs
-        logits = state.step(tokens.reshape(-1))
+        logits = beam_step(beams, state, logits, step, config, eos, results)
+        if logits is None:
+            break
     return results
+
+
+def beam_step(
+    beams: Beams,
+    state: DecodeState,
+    logits: Tensor,
+    step: int,
+    config: GenerateConfig,
+    eos: Tensor,
+    results: list[list[int]],
+) -> Tensor | None:
+    """One step from logits (A*k, V): advance the beams, write each finished input's best
+    hypothesis into `results` (by original row), feed the rest to `state`; returns their next
+    logits (A*K, V), or None when no input is left."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (A*k, V), once per step
+    if config.no_repeat_ngram_size:
+        logp = ban_repeated_ngrams(logp, beams.flat_history(), config.no_repeat_ngram_size)
+    beams_now = logp.shape[0] // beams.ids.shape[0]
+    parent, tokens, done = advance_beams(beams, logp, step, config, eos)
+    rows = torch.arange(parent.shape[0], device=parent.device)[:, None] * beams_now + parent
+    if bool(done.any()):
+        best_lens = beams.fin_lens[done, 0].tolist()
+        best = beams.fin_tokens[done, 0].tolist()
+        for i, row, n in zip(beams.ids[done].tolist(), best, best_lens, strict=True):
+            results[i] = row[:n]
+        left = (~done).nonzero().squeeze(1)
+        beams.keep(left)
+        if left.numel() == 0:
+            return None
+        rows, tokens = rows[left], tokens[left]
+    state.select(rows.reshape(-1))  # (A*K,) follow the beams, drop done inputs
+    return state.step(tokens.reshape(-1))

@@ -21,7 +21,7 @@ from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.attention import ATTN_NAME, PrefixKV
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import is_encoder_decoder
-from prefixtune.generation.beam import Beams, advance_beams
+from prefixtune.generation.beam import Beams, beam_step
 from prefixtune.generation.prefill import (
     frozen_prefix,
     prefill_decoder,
@@ -173,22 +173,7 @@ class GroupRun:
 
     def _beam_step(self) -> None:
         """beam_search's loop body: advance the beams, record finished inputs, feed the rest."""
-        beams, config = self.beams, self.config
-        logp = torch.log_softmax(self.logits, dim=-1, dtype=torch.float32)  # (A*k, V)
-        if config.no_repeat_ngram_size:
-            logp = ban_repeated_ngrams(logp, beams.flat_history(), config.no_repeat_ngram_size)
-        beams_now = logp.shape[0] // beams.ids.shape[0]
-        parent, tokens, done = advance_beams(beams, logp, self.steps, config, self.eos)
-        rows = torch.arange(parent.shape[0], device=parent.device)[:, None] * beams_now + parent
-        if bool(done.any()):
-            best_lens = beams.fin_lens[done, 0].tolist()
-            best = beams.fin_tokens[done, 0].tolist()
-            for i, row, n in zip(beams.ids[done].tolist(), best, best_lens, strict=True):
-                self.results[i] = row[:n]
-            left = (~done).nonzero().squeeze(1)
-            beams.keep(left)
-            if left.numel() == 0:
-                return
-            rows, tokens = rows[left], tokens[left]
-        self.state.select(rows.reshape(-1))  # (A*K,) follow the beams, drop done inputs
-        self.logits = self.state.step(tokens.reshape(-1))
+        logits = beam_step(self.beams, self.state, self.logits, self.steps, self.config,
+                           self.eos, self.results)  # fmt: skip
+        if logits is not None:
+            self.logits = logits

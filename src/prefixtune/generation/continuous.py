@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
-from transformers.cache_utils import DynamicCache
 
 from prefixtune.config import GenerateConfig
 from prefixtune.core.attention import PrefixKV
-from prefixtune.generation.kvcache import plain_attention_layers
 from prefixtune.generation.prefill import DecodeState, frozen_prefix, left_pad, prefill_decoder
 from prefixtune.generation.sampling import ban_repeated_ngrams, invalid_rows
 from prefixtune.generation.sampling import pick_tokens as pick_tokens_batch
@@ -50,13 +48,6 @@ class Row:
     @property
     def remaining(self) -> int:
         return self.config.max_new_tokens - len(self.tokens)
-
-
-def seedable(model: PreTrainedModel) -> bool:
-    """True when prefixes can live in this model's KV cache (decoder-only, no sliding layers)."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        return False
-    return plain_attention_layers(DynamicCache(config=model.config))
 
 
 def _pad_left(t: Tensor, width: int, dim: int) -> Tensor:

@@ -92,7 +92,7 @@ def _check_inputs(
     if not enc_dec and not bool(attention_mask[:, -1].all()):
         raise ValueError(
             "decoder-only prompts must be left-padded with a real last token in every row "
-            "(build them with prefixtune.generation.engine.left_pad)"
+            "(build them with prefixtune.generation.prefill.left_pad)"
         )
     if prefix is None:
         return

@@ -14,6 +14,8 @@ from torch import Tensor
 from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from prefixtune.core.models import accepts_argument
+
 
 class PreallocatedLayer(DynamicLayer):
     """A full-attention cache layer whose keys/values live in a buffer of `capacity` positions.
@@ -126,3 +128,10 @@ def plain_attention_layers(cache: DynamicCache) -> bool:
     return bool(cache.layers) and all(
         type(layer) in (DynamicLayer, PreallocatedLayer) for layer in cache.layers
     )
+
+
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The keyword that hands `cache` to the model's forward: `cache` from transformers 5.24
+    (which deprecates `past_key_values`, to be removed in 5.40, when an unknown keyword would
+    be swallowed and our cache silently ignored), `past_key_values` before."""
+    return {"cache" if accepts_argument(model, "cache") else "past_key_values": cache}

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from prefixtune.core.attention import ATTN_NAME, PrefixKV
 from prefixtune.core.models import accepts_argument
+from prefixtune.generation.kvcache import cache_kwargs
 
 PACKABLE_ATTENTION = (ATTN_NAME, "sdpa")  # take a boolean 4D mask as it is
 ALIBI_MODELS = ("bloom", "mpt")  # build their position bias from a 2D mask
@@ -96,7 +97,7 @@ def packed_prefill(
         input_ids=input_ids[real][None],  # (1, S): row 0's tokens, then row 1's, ...
         attention_mask=_packed_mask(lengths, used, prefix_valid, prefix_length),
         position_ids=positions[real][None],
-        past_key_values=scratch,
+        **cache_kwargs(model, scratch),
         use_cache=True,
         **({"logits_to_keep": ends} if keep else {}),
     )

@@ -4,7 +4,7 @@ through the model, leaving the cache and the last logits that decoding steps fro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,7 +15,11 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from prefixtune.core.attention import PrefixKV, position_ids_for
 from prefixtune.core.models import accepts_argument, is_encoder_decoder
-from prefixtune.generation.kvcache import plain_attention_layers, preallocated_cache
+from prefixtune.generation.kvcache import (
+    cache_kwargs,
+    plain_attention_layers,
+    preallocated_cache,
+)
 from prefixtune.generation.packing import packed_prefill, packing_pays
 
 
@@ -43,7 +47,7 @@ class DecodeState:
                 attention_mask=self.encoder_mask,
                 encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_hidden),
                 decoder_input_ids=tokens[:, None],
-                past_key_values=self.cache,
+                **cache_kwargs(self.model, self.cache),
                 use_cache=True,
                 **extra,
             )
@@ -53,7 +57,7 @@ class DecodeState:
                 input_ids=tokens[:, None],
                 attention_mask=self.mask[:, : self.length],
                 position_ids=self.positions[:, None],
-                past_key_values=self.cache,
+                **cache_kwargs(self.model, self.cache),
                 use_cache=True,
                 **extra,
             )
@@ -73,16 +77,34 @@ class DecodeState:
             self.prefix = select_rows(self.prefix, index)
 
 
-def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token id lists into (input_ids, attention_mask), both (B, T) long."""
+def pad_rows(rows: Sequence[list[int]], value: int, side: str) -> tuple[Tensor, Tensor]:
+    """Token id lists padded with `value` on `side` ('left' or 'right') into (ids, mask),
+    both (B, T) long; the mask marks each row's own tokens."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
     width = max((len(row) for row in rows), default=0)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
+            cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad(rows: Sequence[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask), both (B, T) long."""
+    return pad_rows(rows, pad_token_id, "left")
+
+
+def pad_prompts(
+    model: PreTrainedModel, prompts: Sequence[list[int]], pad_token_id: int
+) -> tuple[Tensor, Tensor]:
+    """A batch of prompts as `generate` takes it: left-padded for decoder-only models,
+    right-padded encoder inputs for encoder-decoder ones (BART's learned positions ignore the
+    attention mask, so its inputs start at position 0 as in training)."""
+    return pad_rows(prompts, pad_token_id, "right" if is_encoder_decoder(model) else "left")
 
 
 @contextlib.contextmanager
@@ -135,9 +157,13 @@ def can_seed_cache(model: PreTrainedModel, prefix: PrefixKV | None, cache: Cache
     )
 
 
-def full_attention_decoder(model: PreTrainedModel, cache: Cache) -> bool:
-    """A decoder-only model whose cache layers all keep every position of plain attention."""
-    return not is_encoder_decoder(model) and plain_attention_layers(cache)
+def full_attention_decoder(model: PreTrainedModel, cache: Cache | None = None) -> bool:
+    """A decoder-only model whose cache layers all keep every position of plain attention: its
+    KV cache can hold prefixes (sliding windows would evict them). `cache`: the one to check
+    (default: a fresh cache for the model's config)."""
+    if is_encoder_decoder(model):
+        return False
+    return plain_attention_layers(DynamicCache(config=model.config) if cache is None else cache)
 
 
 def seed_cache(cache: Cache, prefix: PrefixKV, batch: int, dtype: torch.dtype) -> Tensor:
@@ -215,7 +241,7 @@ def prefill_decoder(
         input_ids=input_ids,
         attention_mask=mask[:, :length],
         position_ids=positions,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         **extra,
     )

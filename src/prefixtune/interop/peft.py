@@ -53,7 +53,7 @@ from prefixtune.core.artifact import (
     check_fits,
     trained_separator,
 )
-from prefixtune.core.models import is_encoder_decoder, model_id
+from prefixtune.core.models import is_encoder_decoder, model_id, text_config
 from prefixtune.core.prefix_encoder import KindShape, flatten_stack, model_shapes, stack_flat
 from prefixtune.interop.formats import (
     PEFT_CONFIG,
@@ -72,13 +72,9 @@ _MLP_KEYS = ("transform.0.weight", "transform.0.bias", "transform.2.weight", "tr
 # ---------------------------------------------------------------- geometry
 
 
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def peft_shape(model_config: PretrainedConfig) -> KindShape:
     """The prefix geometry PEFT derives from a decoder-only model's config (kv heads for GQA)."""
-    cfg = _text_config(model_config)
+    cfg = text_config(model_config)
 
     def first(*names: str) -> int | None:
         return next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)
@@ -99,7 +95,7 @@ def peft_shape(model_config: PretrainedConfig) -> KindShape:
 
 def sliding_window(model_config: PretrainedConfig) -> int | None:
     """The attention window of a model with sliding-window layers, else None."""
-    cfg = _text_config(model_config)
+    cfg = text_config(model_config)
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if not window or (layer_types and not any("sliding" in t for t in layer_types)):

@@ -44,6 +44,7 @@ from prefixtune.core.artifact import (
     load_prefix,
     read_json,
     read_tensors,
+    save_dtype,
 )
 from prefixtune.core.atomic_files import (
     atomic_write,
@@ -63,7 +64,6 @@ from prefixtune.methods.objective import hidden_states, target_loss
 from prefixtune.methods.prefix_method import PrefixMethod
 
 METHOD_JSON, FORMAT = "method.json", "prefixtune-method"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Reports:
@@ -119,9 +119,8 @@ class Baseline(Reports, Method):
 
 
 def _cast(tensor: Tensor, dtype: str) -> Tensor:
-    if dtype not in _DTYPES:
-        raise ArtifactError(f"save dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return tensor.detach().to(_DTYPES[dtype]) if tensor.is_floating_point() else tensor.detach()
+    torch_dtype = save_dtype(dtype)  # refuses an unknown name for integer tensors too
+    return tensor.detach().to(torch_dtype) if tensor.is_floating_point() else tensor.detach()
 
 
 def save_tensors(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from concurrent.futures import Future
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,16 @@ from prefixtune.core.artifact import (
     ArtifactError,
     trained_separator,
 )
-from prefixtune.core.models import is_encoder_decoder
-from prefixtune.data.encoding import prompt_ids
+from prefixtune.core.models import is_encoder_decoder, public_model_id
+from prefixtune.data.encoding import encode_prompt
 from prefixtune.serving.bank import PrefixBank, UnknownPrefixError
+from prefixtune.serving.decoding import ClientGone, RowStream, collect, watched
 from prefixtune.serving.edge import EdgeGuard, bearer_matches, excerpt, safe_error
-from prefixtune.serving.scheduler import QueueFull, Scheduler, SchedulerClosed
+from prefixtune.serving.metrics import Metrics, register_metrics
+from prefixtune.serving.openai_api import register_openai
+from prefixtune.serving.openai_schemas import error_body, is_openai_path
+from prefixtune.serving.playground import register_playground
+from prefixtune.serving.scheduler import Scheduler
 from prefixtune.serving.schemas import GenerateResponse, LoadPrefixRequest, request_model
 
 log = logging.getLogger(__name__)
@@ -50,8 +56,8 @@ class ServeConfig:
     prefixes: str = ""
     """Directory of prefixes: each subdirectory a prefix or run directory (id = its name)."""
     host: str = "127.0.0.1"
-    """Address to listen on (loopback by default; the API has no user authentication; another
-    address needs --admin-token or --allow-public)."""
+    """Address to listen on (loopback by default; another address needs --api-key,
+    --admin-token or --allow-public)."""
     port: int = 8000
     """TCP port."""
     max_batch_size: int = 16
@@ -78,6 +84,9 @@ class ServeConfig:
     admin_token: str = ""
     """Enables the admin endpoints (hot-load, unload), which then need the header
     'Authorization: Bearer TOKEN'; without it they answer 403."""
+    api_key: str = ""
+    """Clients must send 'Authorization: Bearer KEY' on every /v1/ endpoint but the admin ones
+    (401 otherwise); default: the PREFIXTUNE_API_KEY environment variable, else no key."""
     allow_any_prefix_path: bool = False
     """Let hot-loading read directories outside --prefixes (by default a path must resolve
     inside it: no '..', no symbolic links out)."""
@@ -99,21 +108,34 @@ class ServeConfig:
             raise ConfigError("--max-wait-ms must be >= 0")
         if not self.drain_timeout >= 0:
             raise ConfigError("--drain-timeout must be >= 0 seconds")
-        if not is_loopback(self.host) and not self.admin_token and not self.allow_public:
-            raise ConfigError(f"--host {self.host!r} is not a loopback address: set "
-                              "--admin-token, or pass --allow-public to let anyone who can reach "
-                              "the port generate without one")  # fmt: skip
+        self.api_key = self.api_key or os.environ.get("PREFIXTUNE_API_KEY", "")
+        public = not (self.api_key or self.admin_token or self.allow_public)
+        if not is_loopback(self.host) and public:
+            raise ConfigError(f"--host {self.host!r} is not a loopback address: set --api-key "
+                              "(or --admin-token), or pass --allow-public to let anyone who can "
+                              "reach the port generate without one")  # fmt: skip
         if self.max_new_tokens_limit > 100_000:
             raise ConfigError("--max-new-tokens-limit must be <= 100000")
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": [safe_error(e) for e in err.errors()]}, 422)
+    errors = [safe_error(e) for e in err.errors()]
+    if is_openai_path(request.url.path):  # OpenAI answers bad fields 400, naming the field
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        message = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}"
+                            for e in errors)  # fmt: skip
+        return JSONResponse(error_body(400, message, param, first.get("type")), 400)
+    return JSONResponse({"detail": errors}, 422)
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     detail = err.detail if isinstance(err.detail, str) else str(err.detail)
     detail = detail.encode("utf-8", "backslashreplace").decode("utf-8")
+    if is_openai_path(request.url.path):
+        body = error_body(err.status_code, detail, getattr(err, "param", None),
+                          getattr(err, "code", None))  # fmt: skip
+        return JSONResponse(body, err.status_code, headers=err.headers)
     return JSONResponse({"detail": detail}, err.status_code, headers=err.headers)
 
 
@@ -130,12 +152,16 @@ class Server:
     draining: bool = False  # new requests get 503; set by a drain or the lifespan's end
     in_flight: int = 0  # generate requests being answered
     stopping: asyncio.Event | None = None  # set when a drain times out: answer the rest 503
+    metrics: Metrics | None = None  # GET /metrics; set by create_app
+
+    def base_name(self) -> str:
+        """The base model's name in replies and as an OpenAI model id (never a path)."""
+        return public_model_id(self.model)
 
     def prompt(self, text: str, prefix_meta: dict[str, Any]) -> list[int]:
         """Prompt ids in the format the prefix (its prefix.json `meta`) was trained with."""
-        if is_encoder_decoder(self.model):
-            return self.tokenizer(text)["input_ids"]
-        return prompt_ids(text, self.tokenizer, separator=trained_separator(prefix_meta))
+        return encode_prompt(text, self.tokenizer, encoder_decoder=is_encoder_decoder(self.model),
+                             separator=trained_separator(prefix_meta))  # fmt: skip
 
     def context(self) -> int | None:
         text = self.model.config.get_text_config()
@@ -191,37 +217,6 @@ class Server:
             raise HTTPException(422, f"prefix {prefix_id!r}: the path cannot be resolved") from None
         return candidate
 
-    async def outcome(self, future: Future, request: Request) -> Any:
-        """The scheduler's Result for `future`; a client that disconnects, or a drain that times
-        out, cancels the request so its row leaves the batch at the next step."""
-        waiting = asyncio.wrap_future(future)
-        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # always retrieved
-        watchers = [asyncio.ensure_future(_disconnected(request))]
-        if self.stopping is not None:
-            watchers.append(asyncio.ensure_future(self.stopping.wait()))
-        try:
-            done, _ = await asyncio.wait([waiting, *watchers], return_when="FIRST_COMPLETED")
-        except asyncio.CancelledError:  # the connection's task was cancelled
-            self.scheduler.cancel(future)
-            raise
-        finally:
-            for watcher in watchers:
-                watcher.cancel()
-        if waiting in done and not waiting.cancelled():
-            return waiting.result()
-        self.scheduler.cancel(future)
-        if watchers[0] in done:
-            log.info("client disconnected; its request was cancelled")
-            return None
-        raise HTTPException(503, "the server shut down before this request finished; retry",
-                            {"Retry-After": "1"})  # fmt: skip
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client has gone (the body has been read; only a disconnect is left)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
 
 def _unknown(prefix_id: str) -> HTTPException:
     return HTTPException(404, f"unknown prefix {excerpt(repr(prefix_id))}; GET /v1/prefixes "
@@ -245,6 +240,7 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="prefixtune", version="1", lifespan=lifespan,
                   description="Prefix-tuned generation: many prefixes, one frozen model.")  # fmt: skip
     app.state.server = server
+    server.metrics = Metrics(server, server.base_name())
     app.add_middleware(EdgeGuard, server=server)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -271,7 +267,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/prefixes")
     def list_prefixes() -> dict[str, Any]:
         """Loaded prefixes with their memory (bytes) and any artifacts that failed to load."""
-        return {"base_model": _model_name(server.model), **server.bank.describe()}
+        return {"base_model": public_model_id(server.model), **server.bank.describe()}
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -303,17 +299,24 @@ def create_app(server: Server) -> FastAPI:
         except UnknownPrefixError:
             raise _unknown(prefix_id) from None
 
+    register_openai(app, server)
+    register_metrics(app, server)
+    register_playground(app, server)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("request failed")  # the message may name files: only the log has it
-        return JSONResponse({"detail": f"internal error ({type(err).__name__}); see the server "
-                                       "log"}, 500)  # fmt: skip
+        message = f"internal error ({type(err).__name__}); see the server log"
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(500, message), 500)
+        return JSONResponse({"detail": message}, 500)
 
     return app
 
 
 async def _generate(server: Server, body: Any, request: Request) -> Any:
-    """POST /v1/generate: tokenise off the event loop, queue, await (or cancel) the result."""
+    """POST /v1/generate: tokenise off the event loop, then the shared decoding path
+    (decoding.RowStream: queue, read as it decodes, cancel when the client goes)."""
     try:
         entry = None if body.prefix is None else server.bank.get(body.prefix)
     except UnknownPrefixError:
@@ -322,41 +325,32 @@ async def _generate(server: Server, body: Any, request: Request) -> Any:
     server.check_chars(body.input)
     prompt = await asyncio.to_thread(server.prompt, body.input, entry.meta if entry else {})
     server.check_length(prompt, prefix_len, body.max_new_tokens)
+    arrived = time.monotonic()
+    stream = RowStream(server, prompt, body.prefix, body.generate_config(),
+                       on_first_token=lambda: server.metrics.first_token(
+                           body.prefix, "generate", arrived))  # fmt: skip
     try:
-        future = server.scheduler.submit(prompt, body.prefix, body.generate_config())
-    except QueueFull as err:
-        raise HTTPException(503, f"server busy: {err}", {"Retry-After": "1"}) from None
-    except SchedulerClosed as err:
-        raise HTTPException(503, str(err), {"Retry-After": "1"}) from None
-    try:
-        result = await server.outcome(future, request)
-    except UnknownPrefixError:
-        raise _unknown(body.prefix) from None
-    if result is None:  # the client has gone: nobody reads this reply
+        await watched(server, request, [stream], collect(stream))
+    except ClientGone:  # the client has gone: nobody reads this reply
+        log.info("client disconnected; its request was cancelled")
         return JSONResponse({"detail": "client disconnected"}, 499)
+    tokens = stream.detok.tokens
+    server.metrics.finished(body.prefix, "generate", arrived, len(prompt), len(tokens),
+                            stream.finish_reason)  # fmt: skip
     return GenerateResponse(
-        text=server.text(result.tokens), prompt_tokens=len(prompt),
-        completion_tokens=len(result.tokens), prefix=body.prefix,
-        finish_reason=result.finish_reason, latency_ms=result.total_s * 1000.0,
+        text=server.text(tokens), prompt_tokens=len(prompt), completion_tokens=len(tokens),
+        prefix=body.prefix, finish_reason=stream.finish_reason,
+        latency_ms=(time.monotonic() - arrived) * 1000.0,
     )  # fmt: skip
-
-
-def _model_name(model: Any) -> str:
-    """The hub id, or only the directory name of a local model (never a filesystem path)."""
-    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
-    return Path(name).name if Path(name).is_absolute() or Path(name).exists() else name
 
 
 def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) -> Server:
     """Load the model (unless given) and the prefixes; the scheduler is created, not started."""
-    import torch
-
     from prefixtune.core.models import load_model
+    from prefixtune.core.runtime import resolve_device
 
     if model is None:
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device(config.device))
         model, tokenizer = load_model(config.model or None, dtype=config.dtype, device=device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from prefixtune.serving.openai_schemas import error_body, is_openai_path
+
 if TYPE_CHECKING:  # a type only: the app imports this module
     from prefixtune.serving.app import Server
 
@@ -78,13 +80,19 @@ class EdgeGuard:
                 receive = _replay(body, receive)
         if refusal is not None:
             status, detail, headers = refusal
-            return await JSONResponse({"detail": detail}, status, headers)(scope, receive, send)
+            body = {"detail": detail}
+            if is_openai_path(scope["path"]):
+                body = error_body(status, detail, code="invalid_api_key" if status == 401 else None)
+            return await JSONResponse(body, status, headers)(scope, receive, send)
         return await self.app(scope, receive, send)
 
     def _refusal(self, scope: dict) -> tuple[int, str, dict | None] | None:
         """(status, detail, headers) to answer from the request line and headers, or None."""
         if self.server.draining and scope["path"] != "/health":
             return 503, "the server is shutting down; retry", {"Retry-After": "1"}
+        if self._needs_key(scope):
+            return 401, ("send the API key as 'Authorization: Bearer KEY' (the server runs with "
+                         "--api-key)"), {"WWW-Authenticate": "Bearer"}  # fmt: skip
         if scope["method"] not in BODY_METHODS:
             return None
         headers = Headers(scope=scope)
@@ -102,6 +110,13 @@ class EdgeGuard:
             detail = f"request body is {int(length)} bytes; the limit is {limit} bytes"
             return 413, f"{detail} (--max-body-bytes)", None
         return None
+
+    def _needs_key(self, scope: dict) -> bool:
+        """True when --api-key is set and this /v1/ request (admin ones aside) lacks it."""
+        key, path = self.server.config.api_key, scope["path"]
+        if not key or not path.startswith("/v1/") or path.startswith("/v1/admin/"):
+            return False
+        return not bearer_matches(Headers(scope=scope).get("authorization"), key)
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -29,73 +29,29 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from prefixtune.config import GenerateConfig
-from prefixtune.core.models import is_encoder_decoder
 from prefixtune.core.runtime import compiled_for_decoding
-from prefixtune.data.encoding import Encoded, collate_seq2seq
 from prefixtune.generation.beam_group import GroupRun
-from prefixtune.generation.continuous import Row, RunningBatch, seedable
-from prefixtune.generation.prefill import eval_mode, left_pad
+from prefixtune.generation.continuous import Row, RunningBatch
+from prefixtune.generation.prefill import eval_mode, full_attention_decoder, pad_prompts
 from prefixtune.serving.bank import PrefixBank, UnknownPrefixError
+from prefixtune.serving.requests import (
+    QueueFull,
+    Request,
+    RequestFailed,
+    Result,
+    SchedulerClosed,
+    finish_reason_of,
+)
 
 log = logging.getLogger(__name__)
-
-
-class SchedulerClosed(RuntimeError):
-    """The scheduler is shutting down and takes no new requests."""
-
-
-class QueueFull(RuntimeError):
-    """Too many requests are waiting; the caller should retry later."""
-
-
-class RequestFailed(RuntimeError):
-    """This request alone failed (e.g. non-finite logits from its prefix); others went on."""
-
-
-@dataclass
-class Request:
-    """One generation request in token ids (the scheduler never sees text)."""
-
-    prompt: list[int]
-    prefix: str | None
-    config: GenerateConfig
-    future: Future = field(default_factory=Future)
-    arrived: float = field(default_factory=time.monotonic)
-    started: float = 0.0
-    batch_rows: int = 0  # rows in the batch it started in
-    cancelled: bool = False  # set by Scheduler.cancel; the worker drops it before its next step
-
-
-@dataclass
-class Result:
-    """New token ids (no prompt, no EOS) and how the request went."""
-
-    tokens: list[int]
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens)
-    queued_s: float  # arrival -> start of its batch
-    total_s: float  # arrival -> result
-    batch_rows: int  # rows in the batch when it started (running rows included)
-
-
-def _finish_reason(tokens: list[int], config: GenerateConfig) -> str:
-    return "length" if len(tokens) >= config.max_new_tokens else "stop"
-
-
-def pad_prompts(model: PreTrainedModel, prompts: list[list[int]], pad: int):
-    """(input_ids, attention_mask): left-padded for decoder-only models, right-padded encoder
-    inputs for encoder-decoder models (as evaluate.Predictor does)."""
-    if not is_encoder_decoder(model):
-        return left_pad(prompts, pad)
-    batch = collate_seq2seq([Encoded(p, [pad]) for p in prompts], pad)
-    return batch["input_ids"], batch["attention_mask"]
 
 
 class Scheduler:
@@ -126,7 +82,7 @@ class Scheduler:
         self.pad_token_id = pad_token_id
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue, self.max_groups = max_queue, max_groups
-        can = seedable(model)
+        can = full_attention_decoder(model)
         if continuous and not can:
             raise ValueError("continuous batching needs a decoder-only model without "
                              "sliding-window layers")  # fmt: skip
@@ -149,9 +105,16 @@ class Scheduler:
             self._thread.start()
         return self
 
-    def submit(self, prompt: list[int], prefix: str | None, config: GenerateConfig) -> Future:
-        """Queue a request; its Future resolves to a Result (or raises)."""
-        request = Request(list(prompt), prefix, config)
+    def submit(self, prompt: list[int], prefix: str | None, config: GenerateConfig, *,
+               on_token: Callable[[int, Any], None] | None = None,
+               logprobs: int | None = None) -> Future:  # fmt: skip
+        """Queue a request; its Future resolves to a Result (or raises).
+
+        `on_token(token, info)` is called on the worker thread for each new token of a
+        continuous-batch row as it is decoded, before the Future resolves (beam groups deliver
+        tokens only in the Result); `info` is None, or with `logprobs=k` the pair (log-probability
+        of the token, [(id, log-probability)] of the k most likely), from the raw logits."""
+        request = Request(list(prompt), prefix, config, on_token=on_token, logprobs=logprobs)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
@@ -206,6 +169,11 @@ class Scheduler:
             "max_wait_ms": self.max_wait * 1000.0,
             **self.counters,
         }
+
+    def prefix_ids(self) -> tuple[list[str | None], list[str | None]]:
+        """The prefixes of the running requests and of the waiting ones (for /metrics)."""
+        with self._cond:
+            return [r.prefix for r in self._started.values()], [r.prefix for r in self._pending]
 
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
@@ -316,7 +284,7 @@ class Scheduler:
 
     def _resolve(self, request: Request, tokens: list[int], rows: int) -> None:
         now = time.monotonic()
-        reason = _finish_reason(tokens, request.config)
+        reason = finish_reason_of(tokens, request.config)
         result = Result(tokens, reason, request.started - request.arrived, now - request.arrived,
                         rows)  # fmt: skip
         self.counters["requests"] += 1
@@ -344,6 +312,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         if not len(self._running):
             return
+        watched = self._watched()
         try:
             finished = self._running.step()
         except Exception as err:
@@ -352,11 +321,23 @@ class Scheduler:
             self._running = RunningBatch(self._runner, self.eos_ids)
             return
         self.counters["decode_steps"] += 1
+        _emit(watched)
         for row in finished:
             if row.stop == "error":
                 self._fail([row.tag], RequestFailed(row.error))
             else:
                 self._resolve(row.tag, row.tokens, row.tag.batch_rows)
+
+    def _watched(self) -> list[tuple[Row, int, torch.Tensor | None]]:
+        """Rows with a token callback: (row, tokens so far, log-probabilities (V,) or None)."""
+        watched = []
+        for i, row in enumerate(self._running.rows):
+            if row.tag.on_token is not None:
+                scores = None
+                if row.tag.logprobs is not None:
+                    scores = torch.log_softmax(self._running.logits[i].float(), -1)
+                watched.append((row, len(row.tokens), scores))
+        return watched
 
     def _drop_cancelled(self) -> None:
         """Take cancelled requests out of the continuous batch and the groups."""
@@ -410,3 +391,18 @@ class Scheduler:
             run.results.clear()
             if run.done:
                 self._groups.remove(entry)
+
+
+def _emit(watched: list[tuple[Row, int, torch.Tensor | None]]) -> None:
+    """Hand each watched row's new token (and its log-probabilities) to its callback."""
+    for row, before, scores in watched:
+        for token in row.tokens[before:]:
+            info = None
+            if scores is not None:
+                values, ids = scores.topk(row.tag.logprobs or 0)
+                pairs = list(zip(ids.tolist(), values.tolist(), strict=True))
+                info = (float(scores[token]), pairs)
+            try:
+                row.tag.on_token(token, info)
+            except Exception:  # a reader's failure must not stop the batch
+                log.exception("token callback failed")

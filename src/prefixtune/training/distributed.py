@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from prefixtune.core.runtime import resolve_device
+
 
 @dataclass
 class Distributed:
@@ -104,12 +106,11 @@ class Distributed:
 
 def _device_for(requested: str, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK when the run's device is CUDA ('auto' with a GPU, 'cuda'), else cpu."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(requested).type == "cuda":
+    device = resolve_device(requested)
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    return device
 
 
 def from_env(device: str = "auto", timeout_s: float = 1800.0) -> Distributed | None:

@@ -11,15 +11,11 @@ instead of prefix/. Under torchrun the run is data-parallel (see distributed.py)
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,67 +27,29 @@ from prefixtune import __version__
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
 from prefixtune.core.limits import check_positions, position_limit
-from prefixtune.core.models import is_encoder_decoder, load_model
-from prefixtune.core.runtime import autocast_dtype, compiled, enable_gradient_checkpointing
-from prefixtune.data.builtin import builtin_examples
-from prefixtune.data.encoding import (
-    Batches,
-    Encoded,
-    collate,
-    collate_seq2seq,
-    encode,
-    length_bucketed_batches,
+from prefixtune.core.models import load_model
+from prefixtune.core.runtime import (
+    autocast_context,
+    autocast_dtype,
+    compiled,
+    enable_gradient_checkpointing,
+    resolve_device,
 )
-from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.encoding import (
+    Encoded,
+)
 from prefixtune.data.records import Example
 from prefixtune.methods.base import Method
-from prefixtune.methods.multitask import tag, tag_items, task_list, with_task_ids
+from prefixtune.methods.multitask import task_list
 from prefixtune.methods.objective import count_tokens, target_positions
 from prefixtune.methods.registry import build_method
 from prefixtune.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.training.distributed import Distributed, from_env
+from prefixtune.training.prepare import prepare_data
 from prefixtune.training.weight_cast import frozen_weights_in
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = "prefix"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """Training examples (one per reference, subsampled if asked) and dev examples.
-
-    Multi-task: each task's examples (subsampled per task), tagged with its index.
-    """
-    tasks = task_list(config)
-    if tasks:
-        parts = [load_data(replace(config, data=t.data, method="prefix")) for t in tasks]
-        train = [e for i, (part, _) in enumerate(parts) for e in tag(part, i)]
-        return train, [e for i, (_, part) in enumerate(parts) for e in tag(part, i)]
-    if config.data == "builtin":
-        train, dev = builtin_examples("train"), builtin_examples("dev")
-    else:
-        train = load_examples(config.data, config.train_split)
-        dev = load_examples(config.data, config.dev_split) if config.dev_split else []
-    if config.train_size:
-        train = subsample(train, config.train_size, config.seed)
-    if config.dev_size and len(dev) > config.dev_size:
-        dev = subsample(dev, config.dev_size, config.seed)
-    return train, dev
-
-
-def data_hash(examples: list[Example]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        task = getattr(example, "task", None)  # multi-task examples hash their task too
-        digest.update(f"{example.source}\x00{example.target}\x01".encode())
-        if task is not None:
-            digest.update(f"{task}\x02".encode())
-    return digest.hexdigest()[:16]
 
 
 def position_offset(method: Method) -> int:
@@ -105,35 +63,8 @@ def position_offset(method: Method) -> int:
     return int(virtual.shape[0]) if isinstance(virtual, torch.nn.Parameter) else 0
 
 
-def make_collate(model, tokenizer) -> Callable[[list[Encoded]], dict[str, torch.Tensor]]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if is_encoder_decoder(model):
-        return lambda items: collate_seq2seq(items, pad)
-    return lambda items: collate(items, pad)
-
-
-def encode_examples(examples, model, tokenizer, config: TrainConfig) -> list[Encoded]:
-    items, stats = encode(
-        examples,
-        tokenizer,
-        encoder_decoder=is_encoder_decoder(model),
-        max_source_tokens=config.max_source_tokens,
-        max_target_tokens=config.max_target_tokens,
-        separator=config.separator,
-    )
-    if stats.warning():
-        log.warning(stats.warning())
-    return items
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def autocast_context(dtype: torch.dtype | None, device: torch.device):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -186,31 +117,19 @@ class Trainer:
         if model is None:
             model, tokenizer = load_model(config.model or None, device=str(self.device))
         self.model, self.tokenizer = model, tokenizer
-        if train_examples is None:
-            train_examples, dev_examples = load_data(config)
-        if not train_examples:
-            raise ConfigError(f"no training examples in {config.data} / {config.train_split}")
-        self.data_hash = data_hash(train_examples)
-        collate_fn = make_collate(model, tokenizer)
-        train_items = encode_examples(train_examples, model, tokenizer, config)
-        dev_items = encode_examples(dev_examples or [], model, tokenizer, config)
-        options = {}
-        if self.tasks:  # every row carries its task id
-            collate_fn = with_task_ids(collate_fn)
-            train_items = tag_items(train_items, train_examples, len(self.tasks))
-            dev_items = tag_items(dev_items, dev_examples or [], len(self.tasks))
-            options = {"tasks": self.tasks}
-        self.batches = Batches(train_items, collate_fn, config.batch_size,
-                               seed=config.seed * 100_003, max_tokens=config.max_batch_tokens)  # fmt: skip
-        order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
-                                        seed=0, shuffle=False) if dev_items else []  # fmt: skip
-        self.dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
+        data = prepare_data(config, model, tokenizer, self.tasks, train_examples, dev_examples)
+        self.data_hash, self.batches, self.dev_batches = (
+            data.data_hash,
+            data.batches,
+            data.dev_batches,
+        )
+        options = {"tasks": self.tasks} if self.tasks else {}
         self.method = build_method("multitask" if self.tasks else config.method, model, tokenizer,
                                    prefix, seed=config.seed, adapter_share=config.adapter_share,
                                    **options)  # fmt: skip
         self.artifact_dir = self.out / getattr(self.method, "artifact_dir", ARTIFACT_DIR)
-        self._check_positions(train_items, train_examples, "training")
-        self._check_positions(dev_items, dev_examples or [], "dev")
+        self._check_positions(data.train_items, data.train_examples, "training")
+        self._check_positions(data.dev_items, data.dev_examples, "dev")
         self.method.module.to(self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
