@@ -29,8 +29,14 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/lint-imports
 
+# The playground's browser test drives Debian's chromium (Playwright's own download is not used).
+.PHONY: browser
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium not installed (needs root): the browser test is skipped outside CI"
+
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: lint
+test: lint browser
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 # The versions users get: a second venv with the newest transformers and peft the registry

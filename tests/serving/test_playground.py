@@ -1,6 +1,6 @@
 """The playground page at /: static (no CDN, no external URL), valid JavaScript, and its
 streaming client, run under Node against the live server, shows exactly the text generate()
-gives. (A real headless browser is not installed here: the DOM part is not exercised.)"""
+gives. (The DOM part runs in Chromium: test_playground_browser.py.)"""
 
 from __future__ import annotations
 

@@ -20,6 +20,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prefixtune.config import GenerateConfig
 from prefixtune.serving.bank import UnknownPrefixError
 from prefixtune.serving.decoding import ClientGone, Delta, RowStream, TokenInfo, watched
+from prefixtune.serving.openai_replies import (
+    ChatCompletionReply,
+    CompletionReply,
+    ModelCard,
+    ModelList,
+    documented,
+)
 from prefixtune.serving.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,19 +51,20 @@ def register_openai(app: FastAPI, server: Any) -> None:
     """Add the OpenAI routes to `app` (server: app.Server)."""
     created = int(time.time())
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses=documented(ModelList))
     def list_models() -> dict[str, Any]:
         """The base model and every loaded prefix, as OpenAI model ids."""
         return {"object": "list", "data": _models(server, created)}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", response_model=None, responses=documented(ModelCard))
     def get_model(model_id: str) -> dict[str, Any]:
         for entry in _models(server, created):
             if entry["id"] == model_id:
                 return entry
         raise _unknown_model(model_id)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              responses=documented(CompletionReply, streams=True))  # fmt: skip
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Complete each prompt (a /v1/generate input) with the prefix named by `model`."""
         prefix = resolve_model(server, body.model)
@@ -65,7 +73,8 @@ def register_openai(app: FastAPI, server: Any) -> None:
         return await _answer(server, request, body, prefix, ids, "completions",
                              echo=prompts if body.echo else None)  # fmt: skip
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=documented(ChatCompletionReply, streams=True))  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Answer `messages` (rendered with the tokenizer's chat template) with a prefix."""
         prefix = resolve_model(server, body.model)

@@ -82,7 +82,7 @@ if (typeof document !== "undefined") {
   async function run() {
     const picked = [...$("models").querySelectorAll("input:checked")].map((b) => b.value);
     const columns = $("columns");
-    columns.textContent = "";
+    columns.textContent = picked.length ? "" : "pick at least one prefix above";
     const options = {max_tokens: Number($("max").value), temperature: Number($("temp").value)};
     await Promise.all(picked.map(async (model) => {
       const column = document.createElement("section");
@@ -121,8 +121,8 @@ pre { white-space: pre-wrap; background: #f4f4f4; padding: .5rem; min-height: 3r
 </style></head>
 <body>
 <h1>prefixtune playground</h1>
-<p>Pick up to four prefixes, type an input, and compare their streamed outputs.
-API key (only with --api-key): <input id="key" type="password" size="16">
+<p>Pick up to four prefixes, type an input, and compare their streamed outputs.</p>
+<p>API key (only with --api-key): <input id="key" type="password" size="16">
 <button id="reload">reload prefixes</button></p>
 <div id="models"></div>
 <p><textarea id="input" placeholder="name : The Eagle | food : French"></textarea></p>
