@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from prefixtune.config import GenerateConfig, PrefixConfig
 from prefixtune.core.attention import PrefixKV, prefixed_forward
 from prefixtune.core.prefix_encoder import build_encoder, flatten_stack
+from prefixtune.core.verdict import relative_error
 from prefixtune.generation.engine import generate
 
 TOLERANCE = 1e-4  # check (1), relative, float32
@@ -166,10 +167,6 @@ def until_eos(tokens: list[int], model: PreTrainedModel) -> list[int]:
     """`tokens` up to (without) the model's first EOS."""
     eos = model.config.eos_token_id
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
-
-
-def relative_error(got: Tensor, ref: Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
 def next_token_loss(logits: Tensor) -> Tensor:
