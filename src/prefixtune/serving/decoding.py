@@ -243,3 +243,33 @@ async def collect(stream: RowStream) -> tuple[str, list[TokenInfo]]:
         text += delta.text
         tokens += delta.tokens
     return text, tokens
+
+
+async def merged(streams: list[RowStream]) -> AsyncIterator[tuple[int, Delta | None]]:
+    """(choice index, delta) from every stream as they decode; (index, None) when one ends."""
+    out: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RowStream) -> None:
+        try:
+            async for delta in stream.deltas():
+                await out.put((index, delta, None))
+            await out.put((index, None, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - handed to the reader
+            await out.put((index, None, err))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            index, delta, err = await out.get()
+            if err is not None:
+                raise err
+            left -= delta is None
+            yield index, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()

@@ -19,7 +19,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from prefixtune.config import GenerateConfig
 from prefixtune.serving.bank import UnknownPrefixError
-from prefixtune.serving.decoding import ClientGone, Delta, RowStream, TokenInfo, watched
+from prefixtune.serving.decoding import (
+    ClientGone,
+    RowStream,
+    TokenInfo,
+    disconnected,
+    merged,
+    watched,
+)
 from prefixtune.serving.openai_replies import (
     ChatCompletionReply,
     CompletionReply,
@@ -214,7 +221,7 @@ async def _answer(server: Any, request: Request, body: DecodingFields, prefix: s
     done = lambda: metrics.finished(prefix, route, arrived, reply.prompt_tokens(),  # noqa: E731
                                     reply.completion_tokens(), reply.finish_reason())  # fmt: skip
     if body.stream:
-        return StreamingResponse(reply.events(server, done), media_type="text/event-stream",
+        return StreamingResponse(reply.events(server, done, request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
     server.in_flight += 1
     try:
@@ -225,36 +232,6 @@ async def _answer(server: Any, request: Request, body: DecodingFields, prefix: s
         server.in_flight -= 1
     done()
     return reply.whole(choices)
-
-
-async def merged(streams: list[RowStream]) -> AsyncIterator[tuple[int, Delta | None]]:
-    """(choice index, delta) from every stream as they decode; (index, None) when one ends."""
-    out: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: RowStream) -> None:
-        try:
-            async for delta in stream.deltas():
-                await out.put((index, delta, None))
-            await out.put((index, None, None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # noqa: BLE001 - handed to the reader
-            await out.put((index, None, err))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            index, delta, err = await out.get()
-            if err is not None:
-                raise err
-            left -= delta is None
-            yield index, delta
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.cancel()
 
 
 class Reply:
@@ -310,11 +287,14 @@ class Reply:
                 "model": self.body.model, "choices": out, "usage": self.usage()}  # fmt: skip
 
     # streamed replies ---------------------------------------------------------
-    async def events(self, server: Any, done: Any) -> AsyncIterator[str]:
+    async def events(self, server: Any, done: Any, request: Any = None) -> AsyncIterator[str]:
         """Server-sent events: one chunk per delta, a last chunk per choice with its
-        finish_reason, the usage when asked (stream_options), then [DONE]."""
+        finish_reason, the usage when asked (stream_options), then [DONE]. A client that goes
+        away cancels the rows at once, without waiting for the next chunk's write to fail."""
         server.in_flight += 1
         stopper = asyncio.ensure_future(_cancel_on_stop(server, self.streams))
+        gone = None if request is None else asyncio.ensure_future(
+            _cancel_on_disconnect(request, self.streams))  # fmt: skip
         try:
             if self.route == "chat":
                 for index in range(len(self.streams)):
@@ -338,6 +318,8 @@ class Reply:
             return
         finally:
             stopper.cancel()
+            if gone is not None:
+                gone.cancel()
             server.in_flight -= 1
             for stream in self.streams:
                 stream.cancel()
@@ -391,6 +373,13 @@ class Reply:
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _cancel_on_disconnect(request: Any, streams: list[RowStream]) -> None:
+    """A streamed reply's client went away: its rows leave the batch at the next step."""
+    await disconnected(request)
+    for stream in streams:
+        stream.cancel()
 
 
 async def _cancel_on_stop(server: Any, streams: list[RowStream]) -> None:
