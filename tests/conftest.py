@@ -152,3 +152,15 @@ def prefix_set_kv(prefixes: dict[str, FoldedPrefix], row_tasks: list[str],
     rows = torch.tensor([names.index(t) for t in row_tasks], dtype=torch.long, device=device)
     return PrefixKV.stack([{k: t.to(device) for k, t in p.kv.items()} for p in prefixes.values()],
                           rows)  # fmt: skip
+
+
+def assert_same_prefill_state(packed, packed_logits, padded, padded_logits) -> None:
+    """A packed prefill left the decode state a padded prefill leaves: logits, key mask,
+    positions, and every cached key/value a real column holds."""
+    torch.testing.assert_close(packed_logits, padded_logits, atol=1e-5, rtol=1e-4)
+    assert torch.equal(packed.mask, padded.mask) and packed.length == padded.length
+    assert torch.equal(packed.positions, padded.positions)
+    visible = packed.mask[:, None, : packed.length, None]  # (B, 1, S, 1): padding columns differ
+    for mine, theirs in zip(packed.cache.layers, padded.cache.layers, strict=True):
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)

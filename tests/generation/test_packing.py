@@ -16,7 +16,7 @@ from prefixtune.generation.kvcache import PreallocatedLayer
 from prefixtune.generation.packing import packing_pays
 from prefixtune.generation.prefill import left_pad, prefill_decoder
 
-from conftest import BUILDERS
+from conftest import BUILDERS, assert_same_prefill_state
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25], [30]]
 NEVER = 1_000_000  # an EOS id no tiny model emits
@@ -57,13 +57,7 @@ def test_packed_prefill_leaves_the_state_a_padded_prefill_leaves(name, kind, mon
     (padded, padded_logits), (packed, packed_logits) = (
         prefill(model, prefix, pack, monkeypatch) for pack in (False, True)
     )
-    torch.testing.assert_close(packed_logits, padded_logits, atol=1e-5, rtol=1e-4)
-    assert torch.equal(packed.mask, padded.mask) and packed.length == padded.length
-    assert torch.equal(packed.positions, padded.positions)
-    visible = packed.mask[:, None, : packed.length, None]  # (B, 1, S, 1): padding columns differ
-    for mine, theirs in zip(packed.cache.layers, padded.cache.layers, strict=True):
-        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-            torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)
+    assert_same_prefill_state(packed, packed_logits, padded, padded_logits)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "per-row"])

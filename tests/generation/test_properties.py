@@ -30,7 +30,7 @@ from prefixtune.core.prefix_encoder import capture_kv, model_shapes
 from prefixtune.generation.engine import generate
 from prefixtune.generation.prefill import left_pad, prefill_decoder
 
-from conftest import BUILDERS, DECODER_ONLY, VOCAB, tiny_gemma3
+from conftest import BUILDERS, DECODER_ONLY, VOCAB, assert_same_prefill_state, tiny_gemma3
 
 PAD = 0
 BART_PAD = 1
@@ -154,13 +154,7 @@ def test_packed_prefill_leaves_the_state_of_a_padded_prefill(data, arch, with_pr
     prefix = PrefixKV.stack(prefixes, rows=torch.tensor(order)) if with_prefix else None
     padded, padded_logits = packed_or_padded(arch, prompts, prefix, pack=False)
     packed, packed_logits = packed_or_padded(arch, prompts, prefix, pack=True)
-    torch.testing.assert_close(packed_logits, padded_logits, atol=1e-5, rtol=1e-4)
-    assert torch.equal(packed.mask, padded.mask) and packed.length == padded.length
-    assert torch.equal(packed.positions, padded.positions)
-    visible = packed.mask[:, None, : packed.length, None]  # (B, 1, S, 1): padding columns differ
-    for mine, theirs in zip(packed.cache.layers, padded.cache.layers, strict=True):
-        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-            torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)
+    assert_same_prefill_state(packed, packed_logits, padded, padded_logits)
 
 
 def recompute_greedy(arch: str, prompt: list[int], prefix, steps: int, eos: int) -> list[int]:
