@@ -25,6 +25,8 @@ class Example:
     target: str
     references: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=dict, hash=False)
+    messages: tuple[Mapping[str, str], ...] = field(default=(), hash=False)
+    """A chat conversation ({"role", "content"} dicts); empty for source/target examples."""
 
 
 @dataclass
