@@ -11,6 +11,8 @@ from typing import Any
 INIT_METHODS = ("random", "zero", "words")
 DECODER_ONLY_KINDS = ("self",)
 ENCODER_DECODER_KINDS = ("encoder", "decoder", "cross")
+QUANTIZE_MODES = ("none", "int8", "int4")
+REPORT_TO = ("none", "tensorboard")  # TrainConfig.report_to: experiment trackers
 
 
 class ConfigError(ValueError):
@@ -64,7 +66,21 @@ class TrainConfig:
     data: str = "e2e"
     """Dataset: e2e, webnlg, dart, xsum, builtin, or a .jsonl file of {"source", "target"}.
     Several, comma-separated, train one prefix per task in one run: 'e2e,webnlg' or
-    'e2e=e2e,web=data/web.jsonl' (NAME=DATASET; see docs/SCALING.md)."""
+    'e2e=e2e,web=data/web.jsonl' (NAME=DATASET; see docs/SCALING.md). Hugging Face `datasets`
+    inputs too: a .parquet/.csv/.json/.arrow file, a folder of train.*/dev.*(validation.*)/test.*
+    files or a save_to_disk folder, or a hub id ('hf:owner/name' or 'owner/name')."""
+    source_field: str = "source"
+    """Column with the source text (Parquet/CSV/JSON/`datasets` inputs; .jsonl when changed)."""
+    target_field: str = "target"
+    """Column with the target: a string, or a list of references (one training example each)."""
+    messages_field: str = ""
+    """Column of chat conversations ([{role, content}, ...]) to train on instead of the
+    source/target columns ('' for none)."""
+    streaming: bool = False
+    """Stream the training data (files larger than memory): length buckets form within each
+    --stream-buffer examples; the run needs --max-steps or counts one pass first."""
+    stream_buffer: int = 10000
+    """Examples held at a time when --streaming (the length-bucketing window)."""
     model: str = ""
     """Base model: a hub id or local directory; 'gemma3-270m' for the embedded Gemma-3-270M;
     empty for the embedded default (SmolLM2-135M)."""
@@ -81,6 +97,9 @@ class TrainConfig:
     """Split for the dev loss ('' for none)."""
     train_size: int = 0
     """Subsample this many training examples (0: all), deterministic given the seed."""
+    subsample_seed: int = -1
+    """Seed of the --train-size subsample (-1: --seed), so subsamples and training seeds can vary
+    apart (the paper's low-data runs)."""
     dev_size: int = 200
     """Dev examples used for the dev loss each evaluation (0: all)."""
     epochs: float = 10.0
@@ -107,12 +126,26 @@ class TrainConfig:
     """cpu, cuda, or auto (cuda when available)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, more time; for long inputs)."""
+    fuse_projections: bool = False
+    """Run the frozen model's Q/K/V and gate/up projections as one matmul each (Llama-family;
+    weights concatenated once, saved weights unchanged; more memory: see docs/PERFORMANCE.md).
+    Prefix-style methods only: a method that trains base weights is refused."""
+    shard_base: bool = False
+    """Under torchrun: shard the frozen model's blocks across the processes with FSDP2 (for a
+    base larger than one device; the prefix stays replicated). Not with --fuse-projections."""
     compile: bool = False
     """Compile the training loss with torch.compile (inductor): fused kernels, 1.1-1.2x on
     CPU and less memory, after minutes of compiling (needs a C++ compiler on CPU)."""
+    quantize: str = "none"
+    """Frozen base weights: none, int8 (torchao weight-only: linear layers in int8, the prefix
+    trains on them; the artifact loads on the unquantized model) or int4 (where torchao has a
+    kernel for the device). Needs pip install prefixtune[quantize]."""
     separator: str = "\n"
     """Decoder-only prompt format: [BOS] source SEPARATOR target (e.g. '\nTL;DR: ' for
     summaries). Kept with the run and the prefix artifact; evaluate, generate and serve reuse it."""
+    system: str = ""
+    """Chat data ({"messages": [...]} lines): a system message put first in every conversation
+    that has none (empty: none). Kept with the run and the prefix artifact, like the template."""
     max_source_tokens: int = 256
     """Truncate sources to this many tokens (counted and reported)."""
     max_target_tokens: int = 128
@@ -134,6 +167,9 @@ class TrainConfig:
     """Continue from out/checkpoint if present (bit-exact)."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: str = "none"
+    """Also write what log.jsonl gets as scalars for a tracker: none or tensorboard
+    (event files under out/tensorboard/; view with `tensorboard --logdir OUT`)."""
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "log_every")
@@ -149,6 +185,12 @@ class TrainConfig:
             raise ConfigError("--epochs must be > 0 (or set --max-steps)")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"--quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(
+                f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}"
+            )
 
 
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
@@ -184,6 +226,9 @@ class GenerateConfig:
     """Run the model under torch.compile (inductor) while decoding: the same tokens, 1.64x fp32
     greedy decoding on an AMX CPU (bf16 1.08x), after minutes of compiling in a process's first
     calls (once per kind of call: prefill, one-token step, a lone row); needs g++ on CPU."""
+    fuse_projections: bool = False
+    """Run the model's Q/K/V and gate/up projections as one matmul each (Llama-family; the same
+    tokens, weights concatenated once, more memory: see docs/PERFORMANCE.md)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.max_new_tokens > 100_000:

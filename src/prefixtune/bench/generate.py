@@ -38,13 +38,14 @@ def _setup(spec: dict[str, Any]):
     return model, prefixes, rows, pad
 
 
-def _ours(model, rows, prefix_kv, new_tokens: int, pad: int, compile: bool = False):
+def _ours(model, rows, prefix_kv, new_tokens: int, pad: int, compile: bool = False,
+          fuse: bool = False):  # fmt: skip
     from prefixtune.config import GenerateConfig
     from prefixtune.generation.engine import generate
     from prefixtune.generation.prefill import left_pad
 
     ids, mask = left_pad(rows, pad)
-    config = GenerateConfig(max_new_tokens=new_tokens, compile=compile)
+    config = GenerateConfig(max_new_tokens=new_tokens, compile=compile, fuse_projections=fuse)
     return generate(model, ids, mask, prefix_kv, config, eos_token_id=NEVER, pad_token_id=pad)
 
 
@@ -94,7 +95,8 @@ def run_generate(spec: dict[str, Any]) -> dict[str, Any]:
             prefix_kv = prefixes[0].to_prefix_kv()
 
             def step() -> None:
-                outputs["rows"] = _ours(model, rows, prefix_kv, new_tokens, pad, compile)
+                outputs["rows"] = _ours(model, rows, prefix_kv, new_tokens, pad, compile,
+                                        spec.get("fuse", False))  # fmt: skip
         else:
             peft_model = _peft_model(model, prefixes[:1], Path(tmp), spec["model"])
 

@@ -7,6 +7,7 @@ from typing import Any
 from prefixtune.bench.report import COMPILED
 
 SUITES = ("train", "generate", "multitenant", "long", "mfu", "real", "kernels")
+OPT_IN_SUITES = ("quantize",)  # run only when named (not in "all"): bench/quantize.py
 
 
 BENCH_MODELS = ("gpt2-small-random", "smollm2", "smollm2-random", "tiny-gpt2", "tiny-llama")
@@ -96,6 +97,11 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
     for suite in chosen:
         if suite == "kernels":
             plan.update(_kernel_specs(shapes["kernels"], base, dtypes))
+            continue
+        if suite == "quantize":  # fp32 against the int8 base (bench/quantize.py)
+            from prefixtune.bench.quantize import quantize_specs
+
+            plan.update(quantize_specs(models_for(suite), quick, base))
             continue
         for model in models_for(suite):
             if suite in ("train", "mfu"):

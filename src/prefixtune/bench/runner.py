@@ -11,10 +11,10 @@ import traceback
 from typing import Any
 
 RESULT_MARK = "BENCH_RESULT "
-TIMED = ("train", "real", "generate", "multitenant")
+TIMED = ("train", "real", "generate", "multitenant", "quantize_train", "quantize_decode")
 PRELOAD = ["torch", "transformers", "peft", "prefixtune.bench.train", "prefixtune.bench.generate",
            "prefixtune.bench.flops", "prefixtune.training.trainer", "prefixtune.generation.engine",
-           "prefixtune.interop.peft"]  # fmt: skip
+           "prefixtune.interop.peft", "prefixtune.bench.scaling_worker"]  # fmt: skip
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -40,12 +40,20 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         runner = {"train": bench_train.run_train, "real": bench_train.run_real,
                   "equal_loss": bench_train.run_equal_loss}[kind]  # fmt: skip
         return runner(spec)
+    if kind == "scaling":  # bench --suite scaling: one point of a curve
+        from prefixtune.bench.scaling_worker import run_point
+
+        return run_point(spec)
     if kind in ("attention", "cross_entropy"):
         from prefixtune.bench import kernels as bench_kernels
 
         runner = {"attention": bench_kernels.run_attention,
                   "cross_entropy": bench_kernels.run_cross_entropy}[kind]  # fmt: skip
         return runner(spec)
+    if kind.startswith("quantize_"):  # bench --suite quantize: fp32 against the int8 base
+        from prefixtune.bench.quantize import run_spec as run_quantize
+
+        return run_quantize(spec)
     from prefixtune.bench import generate as bench_generate
 
     runner = {"generate": bench_generate.run_generate,

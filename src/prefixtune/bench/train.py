@@ -93,6 +93,10 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         loss_fn, params = _setup(spec, model, batch)
     except ValueError as err:
         return {"refused": str(err)}
+    if spec.get("fuse"):  # frozen Q/K/V and gate/up as one matmul each (core/fuse.py)
+        from prefixtune.core.fuse import fuse_projections
+
+        fuse_projections(model)
     if spec.get("compile"):
         from prefixtune.core.runtime import compiled
 

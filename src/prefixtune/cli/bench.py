@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefixtune.bench.plan import BENCH_MODELS, SUITES, build_plan, resolve_dtypes
+from prefixtune.bench.plan import BENCH_MODELS, OPT_IN_SUITES, SUITES, build_plan, resolve_dtypes
 from prefixtune.bench.report import COMPILED, RATE_KEYS, pool_rounds
 from prefixtune.bench.runner import TIMED, Runner, memory_pass
+from prefixtune.bench.scaling import SCALING_SUITES
 from prefixtune.core.atomic_files import atomic_write_text
 
 
@@ -32,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
         nargs="+",
-        choices=(*SUITES, "all"),
+        choices=(*SUITES, *SCALING_SUITES, *OPT_IN_SUITES, "all"),
         default=["all"],
-        help="what to measure (default: all)",
+        help="what to measure (default: all; quantize, int8 base vs fp32, only when named)",
     )
     parser.add_argument(
         "--model",
@@ -109,6 +110,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "results in this bench JSON (e.g. after the report logic changed), written to --out",
     )
     parser.add_argument("--out", default="bench.json", help="JSON output; a .md summary beside it")  # fmt: skip
+    _add_scaling_arguments(parser)
+
+
+def _add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    from prefixtune.bench.scaling import DIMENSIONS
+
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where to measure: cpu, or cuda (CUDA-event timing, max_memory_allocated, SDPA "
+        "flash/efficient kernels, bf16 for --dtypes auto); --suite scaling only so far",
+    )
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=0.0,
+        help="scaling: refuse points predicted over this peak memory and hold each worker to "
+        "it (0: half this machine's available memory, at most 8 GB; CUDA: 90%% of free)",
+    )
+    parser.add_argument(
+        "--point-budget-s",
+        type=float,
+        default=300.0,
+        help="scaling: refuse points whose step is predicted over this many seconds, and stop "
+        "timing a point once its steps took this long",
+    )
+    parser.add_argument(
+        "--dimensions",
+        nargs="+",
+        choices=DIMENSIONS,
+        default=list(DIMENSIONS),
+        help="scaling: which dimensions to grow (default: all)",
+    )
 
 
 def _line(name: str, result: dict[str, Any]) -> str:
@@ -162,6 +197,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise ConfigError("--iters and --rounds must be >= 1 and --warmup >= 0")
+    if "scaling" in args.suite:
+        from prefixtune.cli.bench_scaling import run_scaling_suite
+
+        failed = run_scaling_suite(args)
+        args.suite = [s for s in args.suite if s != "scaling"]
+        if not args.suite:
+            return failed
+    if args.device != "cpu":
+        raise ConfigError(f"--device {args.device}: only --suite scaling measures there so far")
     dtypes, note = resolve_dtypes(args.dtypes)
     plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup,
                       args.compile)  # fmt: skip

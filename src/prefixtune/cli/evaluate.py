@@ -24,6 +24,13 @@ def _add_decoding(parser: argparse.ArgumentParser, default_preset: str) -> None:
                         help=f"decoding preset, which explicit flags override ({presets}) "
                              f"(default: {default_preset})")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="inputs per generation batch")
+    parser.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="frozen base weights: int8 (or int4 where torchao has a kernel) "
+        "weight-only linear layers, for prefix artifacts (default: none)",
+    )
     add_dataclass_arguments(parser, GenerateConfig)
     _state_preset_defaults(parser, default_preset)
 
@@ -72,10 +79,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.run, args.split, config=_generate_config(args), limit=args.limit,
                           batch_size=args.batch_size, bootstrap=args.bootstrap, out=args.out,
-                          progress=not args.no_progress)  # fmt: skip
+                          progress=not args.no_progress, quantize=args.quantize)  # fmt: skip
     print(format_table(report["metrics"]))
     print(
-        f"wrote predictions.txt, references.txt, metrics.json to {args.out or Path(args.run) / ('eval-' + args.split)}"
+        f"wrote predictions.txt, predictions.jsonl, references.txt, metrics.json to {args.out or Path(args.run) / ('eval-' + args.split)}"
     )
     return 0
 
@@ -87,7 +94,9 @@ def add_arguments_generate(parser: argparse.ArgumentParser) -> None:
         "--model", help="base model (default: the run's, else the embedded default)"
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--input", action="append", help="a source text (repeatable)")
+    source.add_argument("--input", action="append",
+                        help="a source text (repeatable); a prefix trained on chat data reads "
+                             "it as one user turn, in its chat template")  # fmt: skip
     source.add_argument("--file", help="a file with one source per line ('-' for stdin)")
     parser.add_argument("--max-source-tokens", type=int, default=256, help="truncate sources")
     parser.add_argument(
@@ -129,12 +138,15 @@ def _artifact_and_model(args: argparse.Namespace) -> tuple[Path | None, str | No
 
 def run_generate(args: argparse.Namespace) -> int:
     from prefixtune.core.models import load_model
+    from prefixtune.core.quantize import check_mode, quantize_model
     from prefixtune.evaluation.predictor import Predictor
 
     sources = _read_sources(args)
     config = _generate_config(args)
     artifact, model_name = _artifact_and_model(args)
+    check_mode(args.quantize)  # refused before the model loads
     model, tokenizer = load_model(model_name or None)
+    quantize_model(model, args.quantize)
     if artifact is None:
         predictor = Predictor(model, tokenizer, None, args.max_source_tokens, args.separator)
     else:

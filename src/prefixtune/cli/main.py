@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "import": ("prefixtune.cli.interop", "import a prefix from another format (PEFT)",
                "add_arguments_import", "run_import"),
     "models": ("prefixtune.cli.models", "model families prefixtune supports, checked (--check)"),
+    "plot": ("prefixtune.cli.plot", "draw runs' loss and dev-loss curves (log.jsonl) to a PNG"),
+    "score": ("prefixtune.cli.score", "score any system's prediction file against references"),
 }  # fmt: skip
 
 

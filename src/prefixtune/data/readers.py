@@ -16,6 +16,7 @@ from pathlib import Path
 from prefixtune.data.builtin import builtin_examples
 from prefixtune.data.dart import read_dart
 from prefixtune.data.e2e import read_e2e
+from prefixtune.data.hf_datasets import FieldMap, hf_examples, hf_stream, is_hf_input
 from prefixtune.data.jsonl import read_jsonl
 from prefixtune.data.records import (
     BUILTIN,
@@ -66,7 +67,8 @@ def _records(dataset: str | Path, split: str, root: Path | None) -> Iterable[Rec
         return list(read_jsonl(path))
     raise DataError(
         f"unknown dataset {name!r}; valid: {', '.join((*DATASETS, BUILTIN))} "
-        "or a path to a .jsonl file"
+        "or a path to a .jsonl/.parquet/.csv/.json/.arrow file, a folder of them, a "
+        "save_to_disk folder, or a hub id (hf:owner/name)"
     )
 
 
@@ -79,12 +81,22 @@ def _group(records: Iterable[Record]) -> list[Example]:
     for source, recs in groups.items():
         explicit = next((r.references for r in recs if r.references), None)
         refs = explicit or tuple(ref for r in recs for ref in r.refs)
-        out.append(Example(source, refs[0], refs, recs[0].meta))
+        out.append(Example(source, refs[0], refs, recs[0].meta, recs[0].messages))
     return out
 
 
+def _hf_input(dataset: str | Path, fields: FieldMap) -> bool:
+    name = str(dataset)
+    return name not in _READERS and name != BUILTIN and is_hf_input(name, fields)
+
+
 def load_examples(
-    dataset: str | Path, split: str, *, grouped: bool = False, root: Path | None = None
+    dataset: str | Path,
+    split: str,
+    *,
+    grouped: bool = False,
+    root: Path | None = None,
+    fields: FieldMap | None = None,
 ) -> list[Example]:
     """Read ``split`` of ``dataset`` (a name in DATASETS, ``"builtin"``, or a ``.jsonl`` path).
 
@@ -93,12 +105,44 @@ def load_examples(
     ``references`` and ``target`` = the first (for JSONL, the first line's explicit
     ``references`` win over the collected targets). The ``split`` of a JSONL path is not used
     beyond validation: the file is the split. A folder with ``train.jsonl``, ``dev.jsonl`` and
-    ``test.jsonl`` picks the file by split.
+    ``test.jsonl`` picks the file by split. Parquet/CSV/JSON/Arrow files, their folders,
+    ``save_to_disk`` folders and hub ids are read by :mod:`prefixtune.data.hf_datasets` with
+    ``fields`` (the columns; chat conversations are never grouped).
     """
+    fields = fields or FieldMap()
+    if _hf_input(dataset, fields):
+        examples = list(hf_examples(str(dataset), split, fields))
+        if not grouped or fields.messages:
+            return examples
+        return _group(Record(e.source, [e.target], dict(e.meta)) for e in examples)
     records = _records(dataset, split, root)
     if grouped:
         return _group(records)
-    return [Example(r.source, t, r.references or (), r.meta) for r in records for t in r.refs]
+    return [Example(r.source, t, r.references or (), r.meta, r.messages)
+            for r in records for t in r.refs]  # fmt: skip
+
+
+def example_stream(
+    dataset: str | Path, split: str, fields: FieldMap | None = None
+) -> Callable[[], Iterator[Example]]:
+    """``split`` as a re-readable stream of training Examples: each call reads from the start.
+
+    `datasets` inputs (and .jsonl files) are read lazily, never held whole; the named datasets
+    and the builtin set are small and read into memory.
+    """
+    fields = fields or FieldMap()
+    name = str(dataset)
+    path = Path(name).expanduser()
+    if (
+        name.endswith((".jsonl", ".jsonl.gz"))
+        and path.is_file()
+        or (path.is_dir() and any(path.glob("*.jsonl")))
+    ):  # JSONL files and task folders: streamed through `datasets` too
+        return hf_stream(name, split, fields, jsonl=True)
+    if _hf_input(name, fields):
+        return hf_stream(name, split, fields)
+    examples = load_examples(dataset, split, fields=fields)
+    return lambda: iter(examples)
 
 
 def subsample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:

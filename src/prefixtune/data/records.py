@@ -35,6 +35,7 @@ class Record:
     refs: list[str]  # the targets; one training Example each
     meta: dict[str, str]
     references: tuple[str, ...] | None = None  # explicit evaluation references (JSONL only)
+    messages: tuple[Mapping[str, str], ...] = ()  # a chat conversation (JSONL "messages" lines)
 
 
 def data_dir() -> Path:

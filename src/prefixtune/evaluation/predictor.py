@@ -7,6 +7,8 @@ Outputs (written atomically into --out, default RUN/eval-SPLIT):
     predictions.txt   one prediction per line, in the order of the grouped split
     references.txt    the references of each item, items separated by a blank line
                       (the official E2E scripts' multi-reference format)
+    predictions.jsonl {"input", "prediction", "references"[, "category"]} per item, exact
+                      strings (`prefixtune score` reads it as predictions and references)
     metrics.json      scores (see metrics.py for which implementation gives each number)
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +31,11 @@ from prefixtune.core.attention import PrefixKV
 from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import is_encoder_decoder, load_model
 from prefixtune.core.prefix_encoder import model_shapes
+from prefixtune.core.quantize import quantize_base
+from prefixtune.data.chat import prompt_messages
+from prefixtune.data.chat_encoding import chat_prompt_ids, chat_template_of
 from prefixtune.data.encoding import encode_prompt
+from prefixtune.data.hf_datasets import FieldMap
 from prefixtune.data.readers import load_examples, subsample
 from prefixtune.data.records import DATASETS, Example
 from prefixtune.evaluation.metrics import score
@@ -46,6 +53,8 @@ class Predictor:
     finetune).
 
     `separator` (decoder-only prompt format) defaults to the one the artifact was trained with.
+    A prefix trained on chat data prompts with its `chat_template` and `system` default (from
+    its meta): a conversation as the template renders it, a plain text as one user turn.
     """
 
     model: Any
@@ -54,14 +63,20 @@ class Predictor:
     max_source_tokens: int = 256
     separator: str | None = None
     loaded: Loaded | None = None
+    chat_template: str | None = None
+    system: str | None = None
 
     def __post_init__(self) -> None:
         if self.prefix is not None:
             where = str(self.prefix.meta.get("path", "prefix"))
             check_fits(self.prefix.shapes(), model_shapes(self.model), where)
+        meta = self.loaded.meta if self.loaded else self.prefix.meta if self.prefix else {}
         if self.separator is None:
-            meta = self.loaded.meta if self.loaded else self.prefix.meta if self.prefix else {}
             self.separator = trained_separator(meta)
+        if self.chat_template is None and isinstance(meta.get("chat_template"), str):
+            self.chat_template = meta["chat_template"]
+        if self.system is None:
+            self.system = str(meta.get("system") or "")
 
     @classmethod
     def from_artifact(cls, directory: str | Path, model: Any, tokenizer: Any,
@@ -75,9 +90,15 @@ class Predictor:
         loaded = load_method_artifact(directory, model)
         return cls(loaded.model, tokenizer, None, max_source_tokens, separator, loaded)
 
-    def prompt(self, source: str) -> list[int]:
-        if not source.strip():
+    def prompt(self, source: str | Sequence[Mapping[str, str]]) -> list[int]:
+        """Prompt ids of a source text, or of chat messages (rendered with the generation
+        prompt, exactly as the training conversation's turns before its assistant answer)."""
+        if isinstance(source, str) and not source.strip():
             raise ConfigError("an input line is empty: give a source text on every line")
+        if not isinstance(source, str) or self.chat_template is not None:
+            messages = [{"role": "user", "content": source}] if isinstance(source, str) else source
+            template = self.chat_template or chat_template_of(self.tokenizer, "a chat prompt")
+            return chat_prompt_ids(self.tokenizer, messages, template, self.system or "")
         return encode_prompt(
             source,
             self.tokenizer,
@@ -108,9 +129,10 @@ class Predictor:
                         hint="lower --max-source-tokens or --max-new-tokens")  # fmt: skip
 
     def predict(
-        self, sources: list[str], config: GenerateConfig, *, batch_size: int = 16, progress=False
+        self, sources: list, config: GenerateConfig, *, batch_size: int = 16, progress=False
     ) -> list[str]:
-        """Generate for every source, longest prompts first, batched; outputs in input order."""
+        """Generate for every source (a text or chat messages: see `prompt`), longest prompts
+        first, batched; outputs in input order."""
         prompts = [self.prompt(s) for s in sources]
         self._check_positions(prompts, config)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -165,6 +187,14 @@ def write_outputs(
     )
     groups = ["".join(r + "\n" for r in (e.references or (e.target,))) for e in examples]
     atomic_write_text(out / "references.txt", "\n".join(groups))
+    # predictions.jsonl: the exact strings per input (a prediction's newlines kept), with its
+    # references and WebNLG category; `prefixtune score` reads it as predictions and references
+    rows = [{"input": e.source if e.source or not e.messages else [dict(m) for m in e.messages],
+             "prediction": p, "references": list(e.references or (e.target,)),
+             **({"category": e.meta["seen"]} if "seen" in e.meta else {})}
+            for e, p in zip(examples, predictions, strict=True)]  # fmt: skip
+    atomic_write_text(out / "predictions.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))  # fmt: skip
     atomic_write_json(out / "metrics.json", metrics)
 
 
@@ -187,9 +217,11 @@ def evaluate_run(
     model=None,
     tokenizer=None,
     progress: bool = True,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Generate on `split` of the run's dataset with its artifact (any method); score and write
-    the outputs. A `model` passed in may be changed (ft-top2 weights, adapter hooks)."""
+    the outputs. A `model` passed in may be changed (ft-top2 weights, adapter hooks).
+    `quantize`: int8/int4 weight-only base for a prefix run (core/quantize.py)."""
     run = Path(run)
     info = read_run(run)
     train = info["train_config"]
@@ -198,17 +230,25 @@ def evaluate_run(
             f"{run} is a multi-task run: evaluate each task's prefix with `prefixtune generate "
             f"--prefix {run / 'prefixes'}/TASK`"
         )
-    examples = load_examples(train["data"], split, grouped=True)
+    fields = FieldMap(
+        train.get("source_field", "source"),
+        train.get("target_field", "target"),
+        train.get("messages_field", ""),
+    )  # the columns the run trained on
+    examples = load_examples(train["data"], split, grouped=True, fields=fields)
     if limit and limit < len(examples):
         examples = subsample(examples, limit, seed=0)
     if model is None:
         model, tokenizer = load_model(train.get("model") or None)
+    if quantize != "none":
+        quantize_base(model, quantize, train.get("method", "prefix"))
     predictor = Predictor.from_artifact(run / "prefix", model, tokenizer,
                                         train.get("max_source_tokens", 256))  # fmt: skip
     if predictor.loaded and "separator" not in predictor.loaded.meta:  # saved before it was kept
         predictor.separator = train.get("separator", "\n")
     config = config or GenerateConfig.preset("table-to-text")
-    predictions = predictor.predict([e.source for e in examples], config, batch_size=batch_size,
+    sources = [prompt_messages(e.messages) if e.messages else e.source for e in examples]
+    predictions = predictor.predict(sources, config, batch_size=batch_size,
                                     progress=progress)  # fmt: skip
     metrics = score_examples(examples, predictions, train["data"], bootstrap=bootstrap)
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -6,15 +6,18 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune.core.atomic_files import atomic_write_text
-from prefixtune.experiments.grid import markdown_table, summarise, write_results
+from prefixtune.experiments.tables import flat, markdown_table, summarise, write_results
 
 # What each experiment groups by and plots on its x axis.
 GROUPING = {"lowdata": ("size", "method"), "length": ("length", None), "init": ("init", None),
             "table1": ("method", None), "table1-webnlg": ("method", None),
+            "table1-dart": ("method", None),
             "xsum": ("method", None), "xsum-sports": ("method", None)}  # fmt: skip
 
 
 METRICS = {"table1-webnlg": ("BLEU_seen", "BLEU_unseen", "BLEU_all", "TER_all"),
+           "table1": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
+           "table1-dart": ("BLEU", "METEOR", "TER"),
            "xsum": ("ROUGE_1", "ROUGE_2", "ROUGE_L"),
            "xsum-sports": ("ROUGE_1", "ROUGE_2", "ROUGE_L")}  # fmt: skip
 
@@ -26,12 +29,13 @@ WEBNLG_COLUMNS = tuple(f"{m}_{c}" for m in ("BLEU", "METEOR", "TER")
 
 
 TABLE_LAYOUT = {"table1": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
+                "table1-dart": ("BLEU", "METEOR", "TER"),
                 "table1-webnlg": WEBNLG_COLUMNS,
                 "xsum": METRICS["xsum"], "xsum-sports": METRICS["xsum"]}  # fmt: skip
 
 
 TABLE_NOTE = (
-    "One seed; test subset, best-dev-loss weights. % params: what the saved artifact keeps per "
+    "Mean and sd over seeds (n = runs); scored test items, best-dev-loss weights. % params: what the saved artifact keeps per "
     "task, as a share of the base model (the paper's column; a prefix is its folded keys/values); "
     "% trained: what the optimizer updated (a prefix's MLP reparameterisation included)."
 )
@@ -101,10 +105,13 @@ def grouped_bars(table: list[dict[str, Any]], x: str, metrics: tuple[str, ...], 
 
 
 def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command: str,
-           planned: int | None = None) -> str:  # fmt: skip
+           planned: int | None = None, claims: str = "", tuning: str = "") -> str:  # fmt: skip
     """Write results.csv, results.md and the plot; returns the markdown.
 
-    planned: the grid's size; fewer rows than that mark the report partial."""
+    planned: the number of seed runs; fewer rows than that mark the report partial.
+    claims, tuning: the markdown of the claim tests and of the LR tuning (claims_table)."""
+    provenance = _provenance(rows)
+    rows = [flat(r) for r in rows]
     x, series = GROUPING[name]
     metrics = METRICS.get(name, ("BLEU", "ROUGE_L"))
     keys = [x] + ([series] if series else [])
@@ -119,12 +126,17 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
     if planned and len(rows) < planned:
         head += (f"**Partial:** {len(rows)} of {planned} runs finished (`--report-only`); "
                  "the others are not in this table.\n\n")  # fmt: skip
+    head += provenance
     if name in TABLE_LAYOUT:
-        body, note = method_table(rows, TABLE_LAYOUT[name]), TABLE_NOTE
+        body, note = method_table(table, rows, TABLE_LAYOUT[name]), TABLE_NOTE
     else:
         columns = keys + ["runs"] + [c for m in metrics for c in (m, f"{m}_sd")]
         body, note = markdown_table(table, columns), SEEDS_NOTE
     text = f"{head}{body}\n{note}\n"
+    if name == "table1-dart":
+        text += ("\nBERTScore, MoverScore, BLEURT: not computed (they need model weights from the "
+                 "Hugging Face hub, which this project runs without).\n")  # fmt: skip
+    text += claims + tuning + f"\n![{name}]({name}.png)\n"
     atomic_write_text(out / "results.md", text)
     if name in GROUPED_PLOTS:
         grouped_bars(table, x, GROUPED_PLOTS[name], out / f"{name}.png")
@@ -133,11 +145,34 @@ def report(name: str, scale: str, rows: list[dict[str, Any]], out: Path, command
     return text
 
 
-def method_table(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
-    """The paper's table layout: method | % params | % trained | metrics, in grid order."""
-    table = [{**row, "% params": _percent(row.get("stored_share")),
-              "% trained": _percent(row.get("trainable_share"))} for row in rows]  # fmt: skip
-    return markdown_table(table, ["method", "% params", "% trained", *metrics])
+def _provenance(rows: list[dict[str, Any]]) -> str:
+    """Machines, dtypes, versions and time of the runs in the table."""
+    machines = sorted({str(r.get("machine")) for r in rows})
+    dtypes = sorted({str(r.get("dtype")) for r in rows})
+    versions = sorted({f"torch {v.get('torch')}, transformers {v.get('transformers')}"
+                       for r in rows if isinstance(v := r.get("versions"), dict)})  # fmt: skip
+    hours = sum(r.get("wall_seconds") or 0.0 for r in rows) / 3600
+    return (
+        f"Machines: {'; '.join(machines)}. dtype: {', '.join(dtypes)}. "
+        f"{'; '.join(versions)}. Wall time of these runs: {hours:.2f} h.\n\n"
+    )
+
+
+def method_table(table: list[dict[str, Any]], rows: list[dict[str, Any]],
+                 metrics: tuple[str, ...]) -> str:  # fmt: skip
+    """The paper's table layout: method | n | % params | % trained | metric (mean +- sd)."""
+    shares = {r["method"]: r for r in rows}
+    lines = [{"method": e["method"], "n": e["runs"],
+              "% params": _percent(shares[e["method"]].get("stored_share")),
+              "% trained": _percent(shares[e["method"]].get("trainable_share")),
+              **{m: _mean_sd(e, m) for m in metrics}} for e in table]  # fmt: skip
+    return markdown_table(lines, ["method", "n", "% params", "% trained", *metrics])
+
+
+def _mean_sd(entry: dict[str, Any], metric: str) -> str:
+    if metric not in entry:
+        return ""
+    return f"{entry[metric]:.2f} ± {entry[f'{metric}_sd']:.2f}"
 
 
 def _percent(share: float | None) -> str:

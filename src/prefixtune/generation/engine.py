@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.attention import ATTN_NAME, PrefixKV
+from prefixtune.core.fuse import fuse_projections
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.limits import check_rows, position_limit
 from prefixtune.core.models import is_encoder_decoder
@@ -145,6 +146,8 @@ def generate(
         check_rows(position_limit(model), attention_mask.sum(1), offsets,
                    new_tokens=config.max_new_tokens,
                    hint="shorten the prompt (--max-source-tokens) or lower --max-new-tokens")  # fmt: skip
+    if config.fuse_projections:
+        fuse_projections(model)  # once per model (idempotent), before inference mode
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

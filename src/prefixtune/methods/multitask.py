@@ -113,7 +113,8 @@ def task_list(config: TrainConfig) -> list[Task]:
 
 def tag(examples: list[Example], task: int) -> list[TaskExample]:
     """The examples tagged with task index `task`."""
-    return [TaskExample(e.source, e.target, e.references, e.meta, task) for e in examples]
+    return [TaskExample(e.source, e.target, e.references, e.meta, e.messages, task=task)
+            for e in examples]  # fmt: skip
 
 
 def tag_items(items: list[Encoded], examples: list[Example], tasks: int) -> list[TaskEncoded]:

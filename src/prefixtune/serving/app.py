@@ -81,6 +81,9 @@ class ServeConfig:
     """cpu, cuda, or auto (cuda when available)."""
     dtype: str = "float32"
     """Model weights dtype: float32, bfloat16 or float16."""
+    quantize: str = "none"
+    """Frozen base weights: none, int8 (torchao weight-only linear layers) or int4 (where
+    torchao has a kernel for the device); prefixes trained on either base load unchanged."""
     admin_token: str = ""
     """Enables the admin endpoints (hot-load, unload), which then need the header
     'Authorization: Bearer TOKEN'; without it they answer 403."""
@@ -352,6 +355,10 @@ def build_server(config: ServeConfig, model: Any = None, tokenizer: Any = None) 
     if model is None:
         device = str(resolve_device(config.device))
         model, tokenizer = load_model(config.model or None, dtype=config.dtype, device=device)
+    if config.quantize != "none":
+        from prefixtune.core.quantize import quantize_model
+
+        quantize_model(model, config.quantize)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     bank = PrefixBank(model)

@@ -129,9 +129,14 @@ async def _prompt_ids(server: Any, prefix: str | None, text: str) -> list[int]:
 
 def chat_prompt(server: Any, prefix: str | None, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` rendered by the prefix's chat template (its prefix.json
-    `chat_template`) or else the tokenizer's, with the assistant's turn opened."""
+    `chat_template`) or else the tokenizer's, with the assistant's turn opened; the prefix's
+    `system` default (chat training's --system) goes first where `messages` has no system turn."""
     tokenizer = server.tokenizer
     meta = server.bank.get(prefix).meta if prefix is not None else {}
+    system = meta.get("system")
+    roles = {m["role"] for m in messages}
+    if isinstance(system, str) and system and not roles & {"system", "developer"}:
+        messages = [{"role": "system", "content": system}, *messages]
     template = meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "this model's tokenizer has no chat template: use "

@@ -36,6 +36,7 @@ class Distributed:
     world: int
     device: torch.device
     owns_group: bool = False  # True when from_env() initialised the process group
+    lockstep: bool = False  # every rank runs every forward (set by fsdp.shard_base)
 
     @property
     def is_main(self) -> bool:
@@ -51,8 +52,11 @@ class Distributed:
         self, batch: dict[str, Tensor], count_targets: Callable[[dict[str, Tensor]], int]
     ) -> tuple[dict[str, Tensor], float]:
         """This rank's rows of a global batch (every value is (B, ...)) and its loss weight
-        N_r / N, the share of the batch's target tokens; weight 0 means: nothing to do."""
+        N_r / N, the share of the batch's target tokens; weight 0 means: nothing to do (under
+        `lockstep`, a rank without rows gets the batch's first row at weight 0, to run anyway)."""
         start, stop = self.bounds(batch["input_ids"].shape[0])
+        if stop == start and self.lockstep:  # no rows here: run the first one at weight 0
+            return {key: value[:1] for key, value in batch.items()}, 0.0
         part = {key: value[start:stop] for key, value in batch.items()}
         total = count_targets(batch)
         local = count_targets(part) if stop > start else 0

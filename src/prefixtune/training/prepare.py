@@ -4,15 +4,19 @@ multi-task runs, and batched (length-bucketed training batches, fixed dev batche
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import islice
 
 import torch
 
 from prefixtune.config import ConfigError, TrainConfig
+from prefixtune.core.limits import position_limit
 from prefixtune.core.models import is_encoder_decoder
 from prefixtune.data.builtin import builtin_examples
+from prefixtune.data.chat_encoding import chat_template_of, encode_chat
 from prefixtune.data.encoding import (
     Batches,
     Encoded,
@@ -21,8 +25,10 @@ from prefixtune.data.encoding import (
     encode,
     length_bucketed_batches,
 )
-from prefixtune.data.readers import load_examples, subsample
+from prefixtune.data.hf_datasets import FieldMap
+from prefixtune.data.readers import example_stream, load_examples, subsample
 from prefixtune.data.records import Example
+from prefixtune.data.streaming import StreamingBatches
 from prefixtune.methods.multitask import tag, tag_items, task_list, with_task_ids
 
 log = logging.getLogger(__name__)
@@ -41,13 +47,25 @@ def load_data(config: TrainConfig) -> tuple[list[Example], list[Example]]:
     if config.data == "builtin":
         train, dev = builtin_examples("train"), builtin_examples("dev")
     else:
-        train = load_examples(config.data, config.train_split)
-        dev = load_examples(config.data, config.dev_split) if config.dev_split else []
+        train = load_examples(config.data, config.train_split, fields=field_map(config))
+        dev = _dev_examples(config)
     if config.train_size:
-        train = subsample(train, config.train_size, config.seed)
+        picked = config.seed if config.subsample_seed < 0 else config.subsample_seed
+        train = subsample(train, config.train_size, picked)
     if config.dev_size and len(dev) > config.dev_size:
         dev = subsample(dev, config.dev_size, config.seed)
     return train, dev
+
+
+def field_map(config: TrainConfig) -> FieldMap:
+    """The columns --source-field, --target-field and --messages-field name."""
+    return FieldMap(config.source_field, config.target_field, config.messages_field)
+
+
+def _dev_examples(config: TrainConfig) -> list[Example]:
+    if not config.dev_split:
+        return []
+    return load_examples(config.data, config.dev_split, fields=field_map(config))
 
 
 def data_hash(examples: list[Example]) -> str:
@@ -55,6 +73,8 @@ def data_hash(examples: list[Example]) -> str:
     for example in examples:
         task = getattr(example, "task", None)  # multi-task examples hash their task too
         digest.update(f"{example.source}\x00{example.target}\x01".encode())
+        if example.messages:  # a chat example: its whole conversation
+            digest.update(json.dumps(list(example.messages), sort_keys=True).encode())
         if task is not None:
             digest.update(f"{task}\x02".encode())
     return digest.hexdigest()[:16]
@@ -67,7 +87,48 @@ def make_collate(model, tokenizer) -> Callable[[list[Encoded]], dict[str, torch.
     return lambda items: collate(items, pad)
 
 
+def chat_limit(model, config: TrainConfig) -> tuple[int, str]:
+    """The most tokens a rendered conversation may have, and what sets it (for the error)."""
+    limit, hint = config.max_source_tokens + config.max_target_tokens, (
+        " (--max-source-tokens + --max-target-tokens)")  # fmt: skip
+    positions = position_limit(model)
+    if positions is not None and positions < limit:
+        return positions, " (the model's positions)"
+    return limit, hint
+
+
 def encode_examples(examples, model, tokenizer, config: TrainConfig) -> list[Encoded]:
+    """Token ids and labels of every example, in order: source/target examples as `encode`
+    does, chat examples rendered with the tokenizer's chat template (loss on assistant turns)."""
+    chat = [i for i, e in enumerate(examples) if e.messages]
+    if not chat:
+        return _encode_plain(examples, model, tokenizer, config)
+    if is_encoder_decoder(model):
+        raise ConfigError(f"{config.data}: chat data ('messages' lines) needs a decoder-only "
+                          "model with a chat template")  # fmt: skip
+    limit, hint = chat_limit(model, config)
+    chat_items = encode_chat([examples[i] for i in chat], tokenizer,
+                             template=chat_template_of(tokenizer), system=config.system,
+                             max_tokens=limit, limit_hint=hint, indices=chat)  # fmt: skip
+    chat_set = set(chat)
+    plain = [i for i in range(len(examples)) if i not in chat_set]
+    plain_items = _encode_plain([examples[i] for i in plain], model, tokenizer, config)
+    items: list[Encoded | None] = [None] * len(examples)
+    for i, item in zip(chat + plain, chat_items + plain_items, strict=True):
+        items[i] = item
+    return items  # type: ignore[return-value]
+
+
+def chat_meta(examples: list[Example], tokenizer, config: TrainConfig) -> dict[str, str]:
+    """What inference must reuse for chat data: the template (and the system default)."""
+    if not any(e.messages for e in examples):
+        return {}
+    return {"chat_template": chat_template_of(tokenizer), "system": config.system}
+
+
+def _encode_plain(examples, model, tokenizer, config: TrainConfig) -> list[Encoded]:
+    if not examples:
+        return []
     items, stats = encode(
         examples,
         tokenizer,
@@ -86,19 +147,22 @@ class PreparedData:
     """What the trainer needs of the data: batches, the encoded items (for the position check)
     and the examples they came from."""
 
-    batches: Batches
+    batches: Batches | StreamingBatches
     dev_batches: list[dict[str, torch.Tensor]]
     train_items: list[Encoded]
     dev_items: list[Encoded]
     train_examples: list[Example]
     dev_examples: list[Example]
     data_hash: str
+    chat: dict[str, str] = field(default_factory=dict)  # chat_template, system (chat data only)
 
 
 def prepare_data(config: TrainConfig, model, tokenizer, tasks: list[str],
                  train_examples: list[Example] | None = None,
                  dev_examples: list[Example] | None = None) -> PreparedData:  # fmt: skip
     """Read (unless given), encode and batch the run's train and dev examples."""
+    if config.streaming and train_examples is None:
+        return prepare_stream(config, model, tokenizer, tasks)
     if train_examples is None:
         train_examples, dev_examples = load_data(config)
     if not train_examples:
@@ -117,4 +181,41 @@ def prepare_data(config: TrainConfig, model, tokenizer, tasks: list[str],
                                     seed=0, shuffle=False) if dev_items else []  # fmt: skip
     dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
     return PreparedData(batches, dev_batches, train_items, dev_items, train_examples,
-                        dev_examples, data_hash(train_examples))  # fmt: skip
+                        dev_examples, data_hash(train_examples),
+                        chat_meta(train_examples, tokenizer, config))  # fmt: skip
+
+
+def _check_streaming(config: TrainConfig, tasks: list[str]) -> None:
+    if tasks:
+        raise ConfigError("--streaming trains one task: give --data a single dataset")
+    if config.train_size:
+        raise ConfigError("--train-size subsamples in memory; with --streaming use --max-steps")
+    if config.stream_buffer < 1:
+        raise ConfigError(f"--stream-buffer must be >= 1, got {config.stream_buffer}")
+    if config.max_batch_tokens and not config.max_steps:
+        raise ConfigError("--streaming with --max-batch-tokens needs --max-steps (the batches of "
+                          "a pass are known only once read)")  # fmt: skip
+
+
+def prepare_stream(config: TrainConfig, model, tokenizer, tasks: list[str]) -> PreparedData:
+    """--streaming: training batches read from the stream buffer by buffer (StreamingBatches),
+    dev examples in memory; the data hash names the input, not its contents."""
+    _check_streaming(config, tasks)
+    fields = field_map(config)
+    stream = example_stream(config.data, config.train_split, fields)
+    dev_examples = _dev_examples(config)
+    if config.dev_size and len(dev_examples) > config.dev_size:
+        dev_examples = subsample(dev_examples, config.dev_size, config.seed)
+    collate_fn = make_collate(model, tokenizer)
+    batches = StreamingBatches(stream, lambda exs: encode_examples(exs, model, tokenizer, config),
+                               collate_fn, config.batch_size, seed=config.seed * 100_003,
+                               buffer=config.stream_buffer,
+                               max_tokens=config.max_batch_tokens)  # fmt: skip
+    dev_items = encode_examples(dev_examples, model, tokenizer, config)
+    order = length_bucketed_batches([len(i.input_ids) for i in dev_items], config.batch_size * 2,
+                                    seed=0, shuffle=False) if dev_items else []  # fmt: skip
+    dev_batches = [collate_fn([dev_items[i] for i in b]) for b in order]
+    digest = hashlib.sha256(f"stream\x00{config.data}\x00{fields}".encode()).hexdigest()[:16]
+    first = list(islice(stream(), 1))  # chat data: the template is kept with the run
+    return PreparedData(batches, dev_batches, [], dev_items, [], dev_examples, digest,
+                        chat_meta(first, tokenizer, config))  # fmt: skip

@@ -23,11 +23,13 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from prefixtune import __version__
+from prefixtune._version import __version__
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
+from prefixtune.core.fuse import fuse_projections
 from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import load_model
+from prefixtune.core.quantize import quantize_base
 from prefixtune.core.runtime import (
     autocast_context,
     autocast_dtype,
@@ -45,7 +47,9 @@ from prefixtune.methods.objective import count_tokens, target_positions
 from prefixtune.methods.registry import build_method
 from prefixtune.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.training.distributed import Distributed, from_env
+from prefixtune.training.fsdp import shard_for_run
 from prefixtune.training.prepare import prepare_data
+from prefixtune.training.tracking import Tracker
 from prefixtune.training.weight_cast import frozen_weights_in
 
 log = logging.getLogger(__name__)
@@ -117,12 +121,14 @@ class Trainer:
         if model is None:
             model, tokenizer = load_model(config.model or None, device=str(self.device))
         self.model, self.tokenizer = model, tokenizer
+        quantize_base(model, config.quantize, config.method)  # --quantize int8/int4
         data = prepare_data(config, model, tokenizer, self.tasks, train_examples, dev_examples)
         self.data_hash, self.batches, self.dev_batches = (
             data.data_hash,
             data.batches,
             data.dev_batches,
         )
+        self.chat_meta = data.chat  # chat data: the template and system default inference reuses
         options = {"tasks": self.tasks} if self.tasks else {}
         self.method = build_method("multitask" if self.tasks else config.method, model, tokenizer,
                                    prefix, seed=config.seed, adapter_share=config.adapter_share,
@@ -131,6 +137,10 @@ class Trainer:
         self._check_positions(data.train_items, data.train_examples, "training")
         self._check_positions(data.dev_items, data.dev_examples, "dev")
         self.method.module.to(self.device)
+        if config.fuse_projections:  # after the method froze (or refused to freeze) the base
+            fuse_projections(model)
+        if config.shard_base:  # FSDP2 over the frozen blocks (training/fsdp.py)
+            shard_for_run(model, self.dist, config)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.loss = compiled(self.method.loss, self.device) if config.compile else self.method.loss
@@ -142,6 +152,7 @@ class Trainer:
         self.total_steps = max(1, math.ceil(self.micro_batches / accum))
         self.scheduler = linear_schedule(self.optimizer, config.warmup_steps, self.total_steps)
         self.state: dict[str, Any] = {"step": 0, "best_dev": math.inf, "dev_history": []}
+        self.tracker = Tracker(config.report_to, self.out, enabled=self.is_main)  # --report-to
 
     def _check_positions(self, items: list[Encoded], examples: list[Example], split: str) -> None:
         """Refuse, before training, an example that would run past the model's positions once
@@ -180,11 +191,12 @@ class Trainer:
             return
         with open(self.out / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.tracker.log(record)
 
     def _evaluate(self, step: int) -> float | None:
         if not self.dev_batches:
             return None
-        if self.dist:  # each rank scores every world-th dev batch
+        if self.dist and not self.dist.lockstep:  # each rank scores every world-th dev batch
             mine = self.dev_batches[self.dist.rank :: self.dist.world]
             total, count = self.dist.all_reduce_sum(
                 list(dev_sums(self.method, mine, self.amp, self.device))
@@ -211,7 +223,8 @@ class Trainer:
     def _save_artifact(self, **meta: Any) -> None:
         """The loadable result, with the prompt format that inference must reuse."""
         self.method.save_artifact(self.artifact_dir, dtype=self.config.save_dtype,
-                                  separator=self.config.separator, **meta)  # fmt: skip
+                                  separator=self.config.separator, **self.chat_meta,
+                                  **meta)  # fmt: skip
 
     def _checkpoint(self, step: int) -> None:
         if not self.is_main:
@@ -231,7 +244,7 @@ class Trainer:
             tokens += count_tokens(batch)[0]  # the global batch's tokens
             if self.dist:  # this rank's rows; weight = its share N_r / N of the target tokens
                 batch, weight = self.dist.shard(batch, self._count_targets)
-                if weight == 0.0:
+                if weight == 0.0 and not self.dist.lockstep:  # lockstep: FSDP needs every rank
                     continue
             batch = to_device(batch, self.device)
             with autocast_context(self.amp, self.device):
@@ -268,8 +281,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns the run summary (also written to run.json). Under bf16
         autocast the frozen linear weights are stored in bf16 meanwhile (lowprec)."""
-        with frozen_weights_in(self.model, self.amp):
-            return self._fit()
+        try:
+            with frozen_weights_in(self.model, self.amp):
+                return self._fit()
+        finally:
+            self.tracker.close()  # flushed at the end and on failure
 
     def _fit(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +351,11 @@ class Trainer:
             "train_config": to_dict(self.config),
             "prefix_config": to_dict(self.prefix_config),
             "data_hash": self.data_hash,
-            "train_examples": len(self.batches.items),
+            "train_examples": (  # streamed: one pass's (None before a whole pass)
+                self.batches.n_examples
+                if hasattr(self.batches, "n_examples")
+                else len(self.batches.items)
+            ),
             "steps": self.total_steps,
             "initial_dev_loss": self.state.get("initial_dev_loss"),
             "final_dev_loss": final_dev,
@@ -359,6 +379,7 @@ class Trainer:
         }
         if self.dist:
             summary["world_size"] = self.dist.world
+        summary.update(self.chat_meta)  # chat data: chat_template, system
         if self.tasks:
             counts = [
                 sum(it.task == i for it in self.batches.items) for i in range(len(self.tasks))
