@@ -3,6 +3,9 @@ prefixtune.bench.common), Gemma-3 and BART."""
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,28 @@ def assert_same_prefill_state(packed, packed_logits, padded, padded_logits) -> N
     for mine, theirs in zip(packed.cache.layers, padded.cache.layers, strict=True):
         for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
             torch.testing.assert_close(a * visible, b * visible, atol=1e-5, rtol=1e-4)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(worker: Callable[..., None], world: int, *args, timeout: float = 120.0) -> None:
+    """Spawn `world` ranks of `worker(rank, world, port, *args)` (a module-level function) and
+    wait for them, killing them past `timeout` seconds."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(world, free_port(), *args), nprocs=world,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks still running after {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

@@ -12,6 +12,7 @@ INIT_METHODS = ("random", "zero", "words")
 DECODER_ONLY_KINDS = ("self",)
 ENCODER_DECODER_KINDS = ("encoder", "decoder", "cross")
 QUANTIZE_MODES = ("none", "int8", "int4")
+METRIC_TASKS = ("e2e", "webnlg", "dart", "xsum", "generic")  # metric suites (metrics.score)
 REPORT_TO = ("none", "tensorboard")  # TrainConfig.report_to: experiment trackers
 
 
@@ -129,7 +130,8 @@ class TrainConfig:
     fuse_projections: bool = False
     """Run the frozen model's Q/K/V and gate/up projections as one matmul each (Llama-family;
     weights concatenated once, saved weights unchanged; more memory: see docs/PERFORMANCE.md).
-    Prefix-style methods only: a method that trains base weights is refused."""
+    Prefix-style methods on decoder-only models only: a method that trains base weights, or
+    an encoder-decoder model, is refused."""
     shard_base: bool = False
     """Under torchrun: shard the frozen model's blocks across the processes with FSDP2 (for a
     base larger than one device; the prefix stays replicated). Not with --fuse-projections."""
@@ -228,7 +230,8 @@ class GenerateConfig:
     calls (once per kind of call: prefill, one-token step, a lone row); needs g++ on CPU."""
     fuse_projections: bool = False
     """Run the model's Q/K/V and gate/up projections as one matmul each (Llama-family; the same
-    tokens, weights concatenated once, more memory: see docs/PERFORMANCE.md)."""
+    tokens, weights concatenated once, more memory: see docs/PERFORMANCE.md); decoder-only
+    models only (an encoder-decoder model is refused)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.max_new_tokens > 100_000:

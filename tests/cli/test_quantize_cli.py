@@ -41,3 +41,23 @@ def test_quantize_refusals_are_user_errors(model_dir, capsys):
     assert "Conv1D" in capsys.readouterr().err
     assert main(["train", "--quantize", "int3", "--data", "builtin"]) == 2
     assert "--quantize must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["finetune", "adapter"])
+def test_generate_quantize_refuses_an_artifact_that_changes_base_weights(
+    tmp_path, bpe_tokenizer, capsys, method
+):
+    from prefixtune.config import PrefixConfig
+    from prefixtune.methods.registry import build_method
+
+    torch.manual_seed(0)
+    model = tiny_llama(TOKENIZER_VOCAB)
+    model.save_pretrained(tmp_path / "base")
+    bpe_tokenizer.save_pretrained(tmp_path / "base")
+    build_method(method, model, bpe_tokenizer, PrefixConfig()).save_artifact(tmp_path / "art")
+    argv = ["generate", "--model", str(tmp_path / "base"), "--prefix", str(tmp_path / "art"),
+            "--quantize", "int8", "--input", SOURCES[0]]  # fmt: skip
+    assert main(argv) == 2
+    assert f"is for prefixes only (--method prefix or multitask), not --method {method}" in (
+        capsys.readouterr().err
+    )

@@ -14,7 +14,7 @@ from prefixtune.core.runtime import enable_gradient_checkpointing
 from prefixtune.generation.engine import generate
 from prefixtune.generation.prefill import left_pad
 
-from conftest import VOCAB, tiny_gemma3, tiny_gpt2, tiny_llama
+from conftest import VOCAB, tiny_bart, tiny_gemma3, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -154,6 +154,15 @@ def test_unfuse_and_gpt2_and_idempotence():
     assert fuse_projections(tiny_gpt2()) == 0  # c_attn is one matmul already
 
 
+def test_refuses_an_encoder_decoder_model():
+    torch.manual_seed(0)
+    model = tiny_bart().requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"--fuse-projections\) is for decoder-only models; "
+                                          r"BartForConditionalGeneration"):  # fmt: skip
+        fuse_projections(model)
+    assert fused_groups(model) == []
+
+
 def test_generate_config_flag_fuses_and_keeps_tokens():
     plain, other = pair("llama")
     unfuse_projections(other)
@@ -164,4 +173,24 @@ def test_generate_config_flag_fuses_and_keeps_tokens():
         config = GenerateConfig(max_new_tokens=6, num_beams=2, fuse_projections=fuse)
         outputs.append(generate(model, ids, mask, None, config, eos_token_id=-1, pad_token_id=0))
     assert outputs[0] == outputs[1]
-    assert len(fused_groups(other)) == 4 and fused_groups(plain) == []
+    assert fused_groups(other) == [] and fused_groups(plain) == []  # undone after the call
+
+
+def test_generate_unfuses_what_it_fused_and_leaves_a_fused_model_fused(monkeypatch):
+    import prefixtune.generation.engine as engine
+
+    _, model = pair("llama")
+    unfuse_projections(model)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 0)
+    seen = []
+    real = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda m, *a: seen.append(len(fused_groups(m)))
+                        or real(m, *a))  # fmt: skip
+    for fuse in (True, False):
+        generate(model, ids, mask, None, GenerateConfig(max_new_tokens=3, fuse_projections=fuse),
+                 eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    assert seen == [4, 0] and fused_groups(model) == []  # the second call ran unfused
+    fuse_projections(model)  # fused by the caller: stays fused
+    generate(model, ids, mask, None, GenerateConfig(max_new_tokens=3, fuse_projections=True),
+             eos_token_id=-1, pad_token_id=0)  # fmt: skip
+    assert len(fused_groups(model)) == 4

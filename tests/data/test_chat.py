@@ -96,6 +96,8 @@ def test_system_default_goes_first_only_where_there_is_none():
     own = [{"role": "system", "content": "mine"}, *TALK]
     assert with_system(own, "Be brief.") == tuple(own)
     assert with_system(TALK, "") == tuple(TALK)
+    developer = [{"role": "developer", "content": "mine"}, *TALK]  # OpenAI's system role
+    assert with_system(developer, "Be brief.") == tuple(developer)
 
 
 def test_jsonl_mixes_source_target_and_messages_lines(tmp_path):
@@ -192,6 +194,18 @@ def test_training_refuses_chat_data_over_the_token_limits(chat_tok):
     config = TrainConfig(max_source_tokens=8, max_target_tokens=8)
     with pytest.raises(DataError, match=r"c.jsonl line 9: .*limit of 16 \(--max-source-tokens"):
         encode_examples([example], model, chat_tok, config)
+
+
+def test_the_chat_limit_leaves_room_for_the_prefix(chat_tok):
+    example = Example("", "x", (), {"file": "c.jsonl", "line": "9"}, tuple(TALK))
+    config = TrainConfig(max_source_tokens=200, max_target_tokens=200)
+    (item,) = encode_examples([example], tiny_gpt2(TOKENIZER_VOCAB), chat_tok, config)
+    n = len(item.input_ids)
+    model = tiny_gpt2(TOKENIZER_VOCAB, positions=n + 2)
+    assert encode_examples([example], model, chat_tok, config, offset=2) == [item]  # fits
+    with pytest.raises(DataError, match=rf"c.jsonl line 9: .*limit of {n - 1} \(the model's "
+                                        rf"{n + 2} positions less a prefix of 3\)"):  # fmt: skip
+        encode_examples([example], model, chat_tok, config, offset=3)
 
 
 def test_multitask_tagging_keeps_the_task_and_the_conversation():

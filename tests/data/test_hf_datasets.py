@@ -168,6 +168,18 @@ def test_messages_column_builds_chat_examples(tmp_path):
         load_examples(path, "train", fields=FieldMap(messages="conversation"))
 
 
+def test_grouped_reading_keeps_each_conversation_whole_with_default_fields(tmp_path):
+    """Two conversations with the same first user turn stay two Examples, messages kept."""
+    first = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    second = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."}]
+    path = tmp_path / "chat.parquet"
+    pd.DataFrame({"messages": [first, second]}).to_parquet(path)
+    grouped = load_examples(path, "test", grouped=True)  # default fields pick up `messages`
+    assert [[dict(m) for m in e.messages] for e in grouped] == [first, second]
+    assert [(e.target, e.references) for e in grouped] == [("Hello!", ("Hello!",)),
+                                                          ("Hey.", ("Hey.",))]  # fmt: skip
+
+
 def test_streamed_jsonl_reads_source_target_and_chat_lines_as_its_reader_does(tmp_path):
     talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     lines = [{"source": "s1", "target": "t1"}, {"messages": talk}, {"source": "s2", "target": "t2"}]

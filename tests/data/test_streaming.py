@@ -190,3 +190,25 @@ def test_streaming_refuses_what_needs_the_data_in_memory(tmp_path, bpe_tokenizer
         with pytest.raises(ConfigError, match=flag):
             train(dataclasses.replace(base, **change), PrefixConfig(length=2, mlp_hidden=16),
                   model=tiny_gpt2(TOKENIZER_VOCAB), tokenizer=bpe_tokenizer)  # fmt: skip
+
+
+def test_streaming_refuses_an_example_past_the_model_positions_before_training_on_it(
+    tmp_path, bpe_tokenizer, monkeypatch
+):
+    path = tmp_path / "train.parquet"
+    rows = {"q": ["name : Zizzi"] * 24, "a": ["Zizzi."] * 24}
+    rows["q"][17] = " ".join(["name : The Eagle | food : French"] * 20)  # 48 tokens, cut
+    pd.DataFrame(rows).to_parquet(path)
+    config = config_for(tmp_path, path, "long", streaming=True, stream_buffer=8)
+    torch.manual_seed(0)
+    trainer = Trainer(config, PrefixConfig(length=2, mlp_hidden=16), tokenizer=bpe_tokenizer,
+                      model=tiny_gpt2(TOKENIZER_VOCAB, positions=40))  # fmt: skip
+    steps = []
+    original = trainer.method.loss
+    monkeypatch.setattr(trainer, "loss", lambda batch: steps.append(1) or original(batch))
+    with pytest.raises(ConfigError, match=r"streamed training example 18 in .*train\.parquet "
+                                          r"\(the longest of its buffer; source 'name : The "
+                                          r".*prefix of 2 positions \(P\).*past the model's 40 "
+                                          r"positions; lower --max-source-tokens"):  # fmt: skip
+        trainer.fit()
+    assert len(steps) == 4  # the two buffers before it trained; its buffer did not

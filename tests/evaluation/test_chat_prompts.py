@@ -96,6 +96,33 @@ def test_predictor_and_server_prompt_as_training_did(chat_run, bpe_tokenizer):
     assert SYSTEM not in bpe_tokenizer.decode(expected[1])  # the own system turn won
 
 
+def test_a_developer_turn_is_the_system_turn_in_training_and_the_server(chat_run, bpe_tokenizer):
+    run, _, _ = chat_run
+    prefix = load_prefix(run / "prefix")
+    server = SimpleNamespace(tokenizer=bpe_tokenizer, check_chars=lambda _text: None,
+                             bank=SimpleNamespace(get=lambda _name: prefix))  # fmt: skip
+    messages = [{"role": "developer", "content": "Be terse."},
+                {"role": "user", "content": "food : French"}]  # fmt: skip
+    ids = chat_prompt_ids(bpe_tokenizer, messages, TEMPLATE, SYSTEM)
+    assert chat_prompt(server, "p", messages) == ids
+    assert SYSTEM not in bpe_tokenizer.decode(ids)  # no default before the developer turn
+
+
+def test_the_server_refuses_a_chat_without_any_template(bpe_tokenizer):
+    from prefixtune.serving.openai_api import OpenAIError
+
+    checked = []
+    server = SimpleNamespace(tokenizer=bpe_tokenizer, check_chars=checked.append,
+                             bank=SimpleNamespace(get=lambda _name: SimpleNamespace(meta={})))  # fmt: skip
+    with pytest.raises(OpenAIError, match="no chat template: use /v1/completions"):
+        chat_prompt(server, "p", [{"role": "user", "content": "hi"}])
+    server.tokenizer = copy.deepcopy(bpe_tokenizer)
+    server.tokenizer.chat_template = TEMPLATE
+    ids = chat_prompt(server, None, [{"role": "user", "content": "hi"}])
+    assert ids == chat_prompt_ids(server.tokenizer, [{"role": "user", "content": "hi"}], TEMPLATE)
+    assert checked == ["hi"]
+
+
 def test_generate_prompts_a_plain_input_as_one_user_turn(chat_run, bpe_tokenizer, capsys):
     run, _, model_dir = chat_run
     model, tokenizer = load_model(str(model_dir))

@@ -134,7 +134,7 @@ def test_prediction_formats_keep_empty_lines_and_other_separators(tmp_path):
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("p.jsonl", '{"text": "a"}\n', r"PREDICTIONS .*p.jsonl: row 1: no 'prediction' field \(have text\)"),
     ("p.jsonl", "[1]\n", r"p.jsonl:1: expected a JSON object"),
-    ("p.jsonl", "{oops\n", r"p.jsonl:1: not a JSON line"),
+    ("p.jsonl", "{oops\n", r"PREDICTIONS .*p.jsonl:1: malformed JSON"),
     ("missing.txt", None, r"PREDICTIONS .*missing.txt: file not found"),
 ])  # fmt: skip
 def test_bad_prediction_files_are_named(tmp_path, name, content, message):

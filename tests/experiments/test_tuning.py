@@ -70,6 +70,20 @@ def test_a_nan_dev_loss_never_wins():
     assert choose_lr(cell, tuned, scale) == 5e-4
 
 
+@pytest.mark.parametrize("select", ["dev_loss", "dev_bleu"])
+def test_no_finite_dev_score_is_refused_naming_the_cell_and_the_scores(select):
+    scale = {**SCALES["cpu"], "select": select}
+    (cell,) = [c for c in table1_grid(scale) if c.name == "prefix"]
+    bad = {2e-4: float("nan"), 5e-4: float("inf")}
+    tuned = {s.name: {k: bad.get(s.train["lr"]) for k in ("dev_loss", "dev_bleu")}
+             for s in tuning_runs([cell], scale)}  # fmt: skip  # 2e-3: None (not scored)
+    with pytest.raises(ConfigError, match=rf"cell prefix: no tuning run has a finite {select} "
+                                          r"\(lr 0.0002: nan, lr 0.0005: inf, lr 0.002: None\)"):  # fmt: skip
+        choose_lr(cell, tuned, scale)
+    with pytest.raises(ConfigError, match="no tuning run has a finite"):
+        seed_runs([cell], tuned, scale)  # not silently held back like an unfinished cell
+
+
 def test_cpu_and_full_scales_score_every_test_input_with_beam_five():
     for name in ("cpu", "full"):
         assert SCALES[name]["test"] == 0 and SCALES[name]["beams"] == 5

@@ -5,17 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prefixtune.cli.main import main
@@ -25,15 +22,9 @@ from prefixtune.data.builtin import builtin_examples
 from prefixtune.training.distributed import Distributed
 from prefixtune.training.trainer import Trainer
 
-from conftest import TOKENIZER_VOCAB, load_prefix_set, tiny_gpt2, tiny_llama
+from conftest import TOKENIZER_VOCAB, free_port, load_prefix_set, run_ranks, tiny_gpt2, tiny_llama
 
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +84,6 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, out: Path, crash_
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, *args, timeout: float = 120.0) -> None:
-    """Spawn `world` ranks of _worker and wait for them, killing them past `timeout` seconds."""
-    context = mp.start_processes(_worker, args=(world, free_port(), *args), nprocs=world,
-                                 join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks still running after {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 def assert_encoders_close(a: Path, b: Path) -> None:
     left, right = load_encoder(a).state_dict(), load_encoder(b).state_dict()
     assert list(left) == list(right)
@@ -130,7 +106,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, llama_dir):
     single, double = tmp_path / "single", tmp_path / "double"
     with pytest.raises(Crash):  # 1 process: checkpoint at step 3, killed in step 5
         make_trainer(llama_dir, single, crash_at=4).fit()
-    run_ranks(2, llama_dir, double, 4)  # 2 ranks, the same
+    run_ranks(_worker, 2, llama_dir, double, 4)  # 2 ranks, the same
     assert_encoders_close(single / "checkpoint", double / "checkpoint")
     state = torch.load(double / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 3

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prefixtune.bench.common import build_ours, synthetic_batch
@@ -24,15 +21,9 @@ from prefixtune.training.distributed import Distributed
 from prefixtune.training.fsdp import shard_base, shard_for_run
 from prefixtune.training.trainer import Trainer
 
-from conftest import TOKENIZER_VOCAB, tiny_llama
+from conftest import TOKENIZER_VOCAB, run_ranks, tiny_llama
 
 TOLERANCE = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def frozen_llama_and_method():
@@ -87,27 +78,13 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, out: Path) -> Non
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, *args, timeout: float = 120.0) -> None:
-    context = mp.start_processes(_worker, args=(world, free_port(), *args), nprocs=world,
-                                 join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks still running after {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 @pytest.mark.slow
 def test_two_sharded_ranks_match_one_process(tmp_path, bpe_tokenizer):
     model_dir = tmp_path / "tiny-llama"
     torch.manual_seed(0)
     tiny_llama(TOKENIZER_VOCAB).save_pretrained(model_dir)
     bpe_tokenizer.save_pretrained(model_dir)
-    run_ranks(2, model_dir, tmp_path)
+    run_ranks(_worker, 2, model_dir, tmp_path)
 
     _, method = frozen_llama_and_method()  # one process, the whole batch
     loss = method.loss(global_batch())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prefixtune.cli.args import UserError, add_dataclass_arguments
-from prefixtune.config import GENERATION_PRESETS, GenerateConfig
+from prefixtune.config import GENERATION_PRESETS, QUANTIZE_MODES, GenerateConfig
 
 
 def _add_decoding(parser: argparse.ArgumentParser, default_preset: str) -> None:
@@ -27,7 +27,7 @@ def _add_decoding(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8", "int4"],
+        choices=list(QUANTIZE_MODES),
         help="frozen base weights: int8 (or int4 where torchao has a kernel) "
         "weight-only linear layers, for prefix artifacts (default: none)",
     )
@@ -136,9 +136,21 @@ def _artifact_and_model(args: argparse.Namespace) -> tuple[Path | None, str | No
     return path / "prefix", model
 
 
+def _artifact_method(artifact: Path | None) -> str:
+    """The --method that trained `artifact` (its method.json or prefix.json): what
+    quantize_base checks, as evaluate_run does with the run's; 'prefix' for none."""
+    from prefixtune.core.artifact import PREFIX_JSON
+    from prefixtune.methods.baselines import METHOD_JSON
+
+    for meta in (artifact / METHOD_JSON, artifact / PREFIX_JSON) if artifact else ():
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("method", "prefix")
+    return "prefix"
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from prefixtune.core.models import load_model
-    from prefixtune.core.quantize import check_mode, quantize_model
+    from prefixtune.core.quantize import check_mode, quantize_base
     from prefixtune.evaluation.predictor import Predictor
 
     sources = _read_sources(args)
@@ -146,7 +158,7 @@ def run_generate(args: argparse.Namespace) -> int:
     artifact, model_name = _artifact_and_model(args)
     check_mode(args.quantize)  # refused before the model loads
     model, tokenizer = load_model(model_name or None)
-    quantize_model(model, args.quantize)
+    quantize_base(model, args.quantize, _artifact_method(artifact))
     if artifact is None:
         predictor = Predictor(model, tokenizer, None, args.max_source_tokens, args.separator)
     else:

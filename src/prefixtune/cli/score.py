@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 
 from prefixtune.cli.args import UserError
-
-TASKS = ("e2e", "webnlg", "dart", "xsum", "generic")  # metrics.TASKS, without its imports
+from prefixtune.config import METRIC_TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("references", metavar="REFERENCES",
                         help="references, one per line, an input's separated by a blank line; "
                              "or .jsonl with a 'references' list")  # fmt: skip
-    parser.add_argument("--task", required=True, choices=TASKS,
+    parser.add_argument("--task", required=True, choices=METRIC_TASKS,
                         help="metric suite: e2e (official E2E scripts), webnlg (BLEU/METEOR/TER, "
                              "seen/unseen/all with categories), dart, xsum (ROUGE), generic "
                              "(BLEU, ROUGE-L)")  # fmt: skip

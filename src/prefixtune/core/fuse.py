@@ -24,6 +24,10 @@ weight or bias changes storage, version, dtype or device (`model.to(...)`, `load
 training/weight_cast.py's bf16 swap). Frozen weights only: a sibling whose weight or bias
 requires a gradient is refused (fine-tuning and adapter methods train them).
 
+Decoder-only models only: an encoder-decoder model (BART, T5) is refused, since its
+cross-attention feeds `q_proj` the decoder states and `k_proj`/`v_proj` the encoder's, so no
+product would ever be shared (three matmuls of the fused width each call instead of one).
+
 Memory: the fused copy holds the grouped weights once more (for SmolLM2-135M about 2/3 of the
 non-embedding weights); `unfuse_projections` drops it.
 """
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prefixtune.config import ConfigError
+from prefixtune.core.models import is_encoder_decoder
 
 GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling Linear modules fed the same input in Llama-family blocks (GPT-2's c_attn is fused)."""
@@ -154,7 +159,14 @@ def _fusable(siblings: list[nn.Module]) -> bool:
 
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every Q/K/V and gate/up group of frozen nn.Linear siblings in `model` (idempotent);
-    returns the number of groups fused now. Raises ConfigError if a sibling's weight trains."""
+    returns the number of groups fused now. Raises ConfigError if a sibling's weight trains or
+    `model` is an encoder-decoder model."""
+    if is_encoder_decoder(model):
+        raise ConfigError(
+            f"fuse_projections (--fuse-projections) is for decoder-only models; "
+            f"{type(model).__name__} is an encoder-decoder model, whose cross-attention gives "
+            "q_proj and k_proj/v_proj different inputs: turn --fuse-projections off"
+        )
     count = 0
     for parent_name, parent in model.named_modules():
         for group_names in GROUPS:

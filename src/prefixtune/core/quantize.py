@@ -24,13 +24,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from prefixtune.config import QUANTIZE_MODES
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.models import ModelLoadError, freeze
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none", "int8", "int4")
-"""The values of --quantize."""
 QUANTIZED_ATTR = "_prefixtune_quantized"
 EXTRA_HINT = "pip install prefixtune[quantize] (torchao)"
 PREFIX_METHODS = ("prefix", "multitask")

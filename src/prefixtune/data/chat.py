@@ -45,9 +45,10 @@ def validate_messages(messages: object, where: str) -> tuple[dict[str, str], ...
 
 
 def with_system(messages: Sequence[Mapping[str, str]], system: str) -> tuple[dict[str, str], ...]:
-    """``messages`` with ``system`` as a first system message when it has none (and ``system``)."""
+    """``messages`` with ``system`` as a first system message when it has none (and ``system``);
+    a ``developer`` message (OpenAI's name for it) counts as the system turn."""
     msgs = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-    if not system or any(m["role"] == "system" for m in msgs):
+    if not system or any(m["role"] in ("system", "developer") for m in msgs):
         return msgs
     return ({"role": "system", "content": system}, *msgs)
 

@@ -73,15 +73,18 @@ def _records(dataset: str | Path, split: str, root: Path | None) -> Iterable[Rec
 
 
 def _group(records: Iterable[Record]) -> list[Example]:
-    """One Example per distinct source (first-appearance order), references concatenated."""
-    groups: dict[str, list[Record]] = {}
-    for rec in records:
-        groups.setdefault(rec.source, []).append(rec)
+    """One Example per distinct source (first-appearance order), references concatenated.
+
+    A chat conversation is never merged with another: it stays one Example, messages kept.
+    """
+    groups: dict[object, list[Record]] = {}
+    for i, rec in enumerate(records):
+        groups.setdefault(("chat", i) if rec.messages else rec.source, []).append(rec)
     out = []
-    for source, recs in groups.items():
+    for recs in groups.values():
         explicit = next((r.references for r in recs if r.references), None)
         refs = explicit or tuple(ref for r in recs for ref in r.refs)
-        out.append(Example(source, refs[0], refs, recs[0].meta, recs[0].messages))
+        out.append(Example(recs[0].source, refs[0], refs, recs[0].meta, recs[0].messages))
     return out
 
 
@@ -107,14 +110,16 @@ def load_examples(
     beyond validation: the file is the split. A folder with ``train.jsonl``, ``dev.jsonl`` and
     ``test.jsonl`` picks the file by split. Parquet/CSV/JSON/Arrow files, their folders,
     ``save_to_disk`` folders and hub ids are read by :mod:`prefixtune.data.hf_datasets` with
-    ``fields`` (the columns; chat conversations are never grouped).
+    ``fields`` (the columns). Chat conversations are never grouped: one Example each.
     """
     fields = fields or FieldMap()
     if _hf_input(dataset, fields):
         examples = list(hf_examples(str(dataset), split, fields))
-        if not grouped or fields.messages:
+        if not grouped:
             return examples
-        return _group(Record(e.source, [e.target], dict(e.meta)) for e in examples)
+        return _group(
+            Record(e.source, [e.target], dict(e.meta), messages=e.messages) for e in examples
+        )
     records = _records(dataset, split, root)
     if grouped:
         return _group(records)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from sacrebleu.metrics import BLEU, TER
 
+from prefixtune.config import METRIC_TASKS
 from prefixtune.evaluation.official_e2e import (
     JavaNotFoundError,
     coco_scores,
@@ -67,7 +68,7 @@ __all__ = [
     "xsum_scores",
 ]
 
-TASKS = ("e2e", "webnlg", "dart", "xsum", "generic")
+TASKS = METRIC_TASKS
 CATEGORIES = ("seen", "unseen")
 
 

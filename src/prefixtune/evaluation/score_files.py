@@ -15,13 +15,13 @@ both a predictions and a references file.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefixtune.config import ConfigError
+from prefixtune.data.records import DataError, json_line
 from prefixtune.evaluation.metrics import score
 
 
@@ -59,12 +59,9 @@ def _jsonl(path: Path, flag: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{flag} {path}:{number}: not a JSON line ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{flag} {path}:{number}: expected a JSON object")
-        rows.append(row)
+            rows.append(json_line(path, number, line))  # one JSON object, as data files hold
+        except DataError as err:
+            raise ConfigError(f"{flag} {err}") from None
     return rows
 
 

@@ -16,6 +16,10 @@ from prefixtune.experiments.grid import Cell, RunSpec
 from prefixtune.experiments.scales import lr_grid, seed_pairs
 
 
+class TuningUnfinished(ConfigError):
+    """A cell's tuning run has not finished yet: its seed runs wait (other cells go on)."""
+
+
 def run_name(cell: Cell, lr: float, pair: tuple[int, int]) -> str:
     subsample, seed = pair
     return f"{cell.name}-lr{lr:g}-s{seed}" + (f"-d{subsample}" if cell.resample else "")
@@ -44,17 +48,24 @@ def tuning_runs(cells: list[Cell], scale: dict[str, Any]) -> list[RunSpec]:
 
 
 def choose_lr(cell: Cell, tuned: dict[str, dict[str, Any]], scale: dict[str, Any]) -> float:
-    """The cell's LR with the best dev score among its tuning rows (by run name)."""
+    """The cell's LR with the best dev score among its tuning rows (by run name); refused when
+    no tuning run has a finite score (every one diverged or reported none)."""
     select = scale["select"]
-    scores = {}
+    raw = {}
     for lr in lr_grid(cell.method, scale):
         row = tuned.get(run_name(cell, lr, pairs_of(cell, scale)[0]))
         if row is None:
-            raise ConfigError(f"cell {cell.name}: the tuning run at lr {lr:g} has not finished")
-        value = row.get(select)
-        if value is None or math.isnan(value):
-            value = math.inf if select == "dev_loss" else -math.inf
-        scores[lr] = value if select == "dev_loss" else -value
+            raise TuningUnfinished(
+                f"cell {cell.name}: the tuning run at lr {lr:g} has not finished"
+            )
+        raw[lr] = row.get(select)
+    scores = {lr: v if select == "dev_loss" else -v for lr, v in raw.items()
+              if isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
+    if not scores:
+        found = ", ".join(f"lr {lr:g}: {v}" for lr, v in raw.items())
+        raise ConfigError(f"cell {cell.name}: no tuning run has a finite {select} ({found}); "
+                          "every learning rate diverged or was not scored: check the cell's "
+                          "LR grid and data")  # fmt: skip
     return min(scores, key=lambda lr: (scores[lr], lr))
 
 
@@ -65,7 +76,7 @@ def seed_runs(cells: list[Cell], tuned: dict[str, dict[str, Any]], scale: dict[s
     for cell in cells:
         try:
             lr = choose_lr(cell, tuned, scale)
-        except ConfigError:
+        except TuningUnfinished:
             continue
         record = tuning_record(cell, tuned, scale)
         for pair in pairs_of(cell, scale):

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from prefixtune.config import ConfigError, GenerateConfig
 from prefixtune.core.attention import ATTN_NAME, PrefixKV
-from prefixtune.core.fuse import fuse_projections
+from prefixtune.core.fuse import fuse_projections, fused_groups, unfuse_projections
 from prefixtune.core.injection import enable_prefixes
 from prefixtune.core.limits import check_rows, position_limit
 from prefixtune.core.models import is_encoder_decoder
@@ -131,8 +131,6 @@ def generate(
     `pad_token_id` fills unused beam slots; outputs never contain padding. With
     `config.compile` prefill and decoding run the model under torch.compile (same tokens).
     """
-    from prefixtune.generation.beam import beam_search  # beam.py uses this module's helpers
-
     enc_dec = is_encoder_decoder(model)
     _check_inputs(input_ids, attention_mask, prefix, enc_dec)
     if config.do_sample and config.num_beams > 1:
@@ -146,8 +144,24 @@ def generate(
         check_rows(position_limit(model), attention_mask.sum(1), offsets,
                    new_tokens=config.max_new_tokens,
                    hint="shorten the prompt (--max-source-tokens) or lower --max-new-tokens")  # fmt: skip
-    if config.fuse_projections:
-        fuse_projections(model)  # once per model (idempotent), before inference mode
+    fused_here = config.fuse_projections and not fused_groups(model)
+    if fused_here:
+        fuse_projections(model)  # before inference mode; undone below (this call fused it)
+    try:
+        return _decode(model, input_ids, attention_mask, prefix, config, eos_token_id,
+                       pad_token_id, prefix_in_cache)  # fmt: skip
+    finally:
+        if fused_here:  # a later call without the flag runs unfused
+            unfuse_projections(model)
+
+
+def _decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+            prefix: PrefixKV | None, config: GenerateConfig, eos_token_id: int | list[int],
+            pad_token_id: int, prefix_in_cache: bool | None) -> list[list[int]]:  # fmt: skip
+    """generate() past its checks: prefill, then greedy/sampled rows or beam search."""
+    from prefixtune.generation.beam import beam_search  # beam.py uses this module's helpers
+
+    enc_dec = is_encoder_decoder(model)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

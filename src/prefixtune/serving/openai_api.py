@@ -18,6 +18,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from prefixtune.config import GenerateConfig
+from prefixtune.data.chat import with_system
+from prefixtune.data.chat_encoding import chat_prompt_ids, chat_template_of
+from prefixtune.data.records import DataError
 from prefixtune.serving.bank import UnknownPrefixError
 from prefixtune.serving.decoding import (
     ClientGone,
@@ -130,22 +133,20 @@ async def _prompt_ids(server: Any, prefix: str | None, text: str) -> list[int]:
 def chat_prompt(server: Any, prefix: str | None, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` rendered by the prefix's chat template (its prefix.json
     `chat_template`) or else the tokenizer's, with the assistant's turn opened; the prefix's
-    `system` default (chat training's --system) goes first where `messages` has no system turn."""
-    tokenizer = server.tokenizer
+    `system` default (chat training's --system) goes first where `messages` has no system (or
+    developer) turn: data/chat_encoding.chat_prompt_ids, as training and evaluation prompt."""
     meta = server.bank.get(prefix).meta if prefix is not None else {}
-    system = meta.get("system")
-    roles = {m["role"] for m in messages}
-    if isinstance(system, str) and system and not roles & {"system", "developer"}:
-        messages = [{"role": "system", "content": system}, *messages]
-    template = meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
-    if template is None and not getattr(tokenizer, "chat_template", None):
-        raise OpenAIError(400, "this model's tokenizer has no chat template: use "
-                               "/v1/completions", "messages")  # fmt: skip
-    for message in messages:
+    system = meta.get("system") if isinstance(meta.get("system"), str) else ""
+    template = meta.get("chat_template")
+    if not isinstance(template, str) or not template:
+        try:
+            template = chat_template_of(server.tokenizer, "a chat prompt")
+        except DataError:
+            raise OpenAIError(400, "this model's tokenizer has no chat template: use "
+                                   "/v1/completions", "messages") from None  # fmt: skip
+    for message in with_system(messages, system):
         server.check_chars(message["content"])
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompt_ids(server.tokenizer, messages, template, system)
 
 
 # ---------------------------------------------------------------------------- decoding options

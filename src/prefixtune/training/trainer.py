@@ -27,7 +27,6 @@ from prefixtune._version import __version__
 from prefixtune.config import ConfigError, PrefixConfig, TrainConfig, to_dict
 from prefixtune.core.atomic_files import atomic_write_json
 from prefixtune.core.fuse import fuse_projections
-from prefixtune.core.limits import check_positions, position_limit
 from prefixtune.core.models import load_model
 from prefixtune.core.quantize import quantize_base
 from prefixtune.core.runtime import (
@@ -48,7 +47,7 @@ from prefixtune.methods.registry import build_method
 from prefixtune.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prefixtune.training.distributed import Distributed, from_env
 from prefixtune.training.fsdp import shard_for_run
-from prefixtune.training.prepare import prepare_data
+from prefixtune.training.prepare import check_longest, prepare_data
 from prefixtune.training.tracking import Tracker
 from prefixtune.training.weight_cast import frozen_weights_in
 
@@ -122,17 +121,18 @@ class Trainer:
             model, tokenizer = load_model(config.model or None, device=str(self.device))
         self.model, self.tokenizer = model, tokenizer
         quantize_base(model, config.quantize, config.method)  # --quantize int8/int4
-        data = prepare_data(config, model, tokenizer, self.tasks, train_examples, dev_examples)
+        options = {"tasks": self.tasks} if self.tasks else {}
+        self.method = build_method("multitask" if self.tasks else config.method, model, tokenizer,
+                                   prefix, seed=config.seed, adapter_share=config.adapter_share,
+                                   **options)  # fmt: skip
+        data = prepare_data(config, model, tokenizer, self.tasks, train_examples, dev_examples,
+                            offset=position_offset(self.method))  # fmt: skip
         self.data_hash, self.batches, self.dev_batches = (
             data.data_hash,
             data.batches,
             data.dev_batches,
         )
         self.chat_meta = data.chat  # chat data: the template and system default inference reuses
-        options = {"tasks": self.tasks} if self.tasks else {}
-        self.method = build_method("multitask" if self.tasks else config.method, model, tokenizer,
-                                   prefix, seed=config.seed, adapter_share=config.adapter_share,
-                                   **options)  # fmt: skip
         self.artifact_dir = self.out / getattr(self.method, "artifact_dir", ARTIFACT_DIR)
         self._check_positions(data.train_items, data.train_examples, "training")
         self._check_positions(data.dev_items, data.dev_examples, "dev")
@@ -157,17 +157,8 @@ class Trainer:
     def _check_positions(self, items: list[Encoded], examples: list[Example], split: str) -> None:
         """Refuse, before training, an example that would run past the model's positions once
         the method's prefix (or virtual tokens) offsets them; names the longest one."""
-        limit = position_limit(self.model)
-        if limit is None or not items:
-            return
-        longest = max(range(len(items)), key=lambda i: len(items[i].input_ids))
-        source = " ".join(examples[longest].source.split())
-        check_positions(limit, prefix=position_offset(self.method),
-                        tokens=len(items[longest].input_ids),
-                        what=f"{split} example {longest + 1} of {len(items)} in {self.config.data}"
-                             f" (the longest; source {source[:40]!r})",
-                        hint="lower --max-source-tokens / --max-target-tokens or "
-                             "--prefix-length")  # fmt: skip
+        check_longest(self.model, items, examples, position_offset(self.method),
+                      lambda i: f"{split} example {i + 1} of {len(items)} in {self.config.data}")  # fmt: skip
 
     def _restore_or_refuse(self) -> None:
         found = find_checkpoint(self.out)
