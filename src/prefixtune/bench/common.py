@@ -86,8 +86,8 @@ def smollm2_tokenizer():
     return tokenizer
 
 
-def build_model(name: str, *, seed: int = 0, tokenizer: bool = False):
-    """(model, tokenizer or None): frozen, eval mode, fp32 weights, no dropout.
+def build_model(name: str, *, seed: int = 0, tokenizer: bool = False, device: str = "cpu"):
+    """(model, tokenizer or None): frozen, eval mode, fp32 weights, no dropout, on `device`.
 
     Random-weight models are seeded, so two workers building the same name get the same weights.
     The tokenizer is loaded only when asked (the embedded model's for the real-size models).
@@ -117,6 +117,8 @@ def build_model(name: str, *, seed: int = 0, tokenizer: bool = False):
     with torch.no_grad():  # weights loaded from safetensors are mapped lazily: make them
         for tensor in [*model.parameters(), *model.buffers()]:  # resident before any
             tensor.sum()  # measurement, so "rss_before" includes them for every config
+    if device != "cpu":
+        model.to(device)
     return freeze(model), tok
 
 
@@ -184,9 +186,9 @@ def prompt_rows(vocab: int, count: int, low: int, high: int, seed: int = 0) -> l
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-def autocast(dtype: str):
-    """The CPU autocast context of a bench dtype name (fp32: none)."""
-    return autocast_context(autocast_dtype(dtype), "cpu")
+def autocast(dtype: str, device: str = "cpu"):
+    """The autocast context of a bench dtype name on `device` (fp32: none)."""
+    return autocast_context(autocast_dtype(dtype, device), device)
 
 
 # ------------------------------------------------------------------------------ memory

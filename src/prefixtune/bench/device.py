@@ -125,14 +125,16 @@ def meter(device: str) -> CpuMeter | CudaMeter:
 
 
 def timed_steps(meter: CpuMeter | CudaMeter, step: Callable[[], Any], iters: int, warmup: int,
-                cap_s: float = float("inf")) -> dict[str, Any]:  # fmt: skip
-    """Reset the peak, run `warmup` untimed steps, then up to `iters` timed ones (fewer once
-    their total passes `cap_s`; at least one). Times, their median, and the memory report."""
+                cap_s: float = float("inf"),
+                warm: Callable[[], Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Reset the peak, run `warmup` untimed steps (`warm`, else `step`), then up to `iters` timed
+    ones (fewer once their total passes `cap_s`; at least one). Times, their median, and the
+    memory report."""
     import statistics
 
     meter.reset()
     for _ in range(warmup):
-        step()
+        (warm or step)()
     times: list[float] = []
     while len(times) < max(iters, 1) and (not times or sum(times) < cap_s):
         times.append(meter.time(step))
@@ -143,6 +145,25 @@ def timed_steps(meter: CpuMeter | CudaMeter, step: Callable[[], Any], iters: int
         "max_s": max(times),
         **meter.report(),
     }
+
+
+def measure(device: str, step: Callable[[], Any], iters: int, warmup: int,
+            warm: Callable[[], Any] | None = None, cuda: Any = None) -> dict[str, Any]:  # fmt: skip
+    """A suite worker's timing on its device: on the CPU exactly `common.measure` (wall clock,
+    resident memory); on CUDA the CudaMeter (events between synchronizes, the allocator's peak
+    over warm-up and timed steps)."""
+    if device != "cuda":
+        from prefixtune.bench.common import measure as cpu_measure
+
+        return cpu_measure(step, iters, warmup, warm=warm)
+    return timed_steps(CudaMeter(cuda), step, iters, warmup, warm=warm)
+
+
+def on_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (the CPU: the very same tensors)."""
+    if device == "cpu":
+        return batch
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def limit_memory(device: str, budget_mb: float, cuda: Any = None) -> str:

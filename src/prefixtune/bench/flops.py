@@ -112,10 +112,16 @@ PEAK_SHAPES = ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (1024, 7
                (1024, 3072, 768), (1024, 576, 1536), (1024, 1536, 576))  # fmt: skip
 
 
+# On a GPU the small shapes leave the tensor cores idle between launches: the large ones set the peak.
+CUDA_PEAK_SHAPES = (*PEAK_SHAPES, (4096, 4096, 4096), (8192, 8192, 8192))
+
+
 def matmul_peak(
-    dtype: torch.dtype, shapes=PEAK_SHAPES, seconds: float = 1.0, rounds: int = 3
-) -> dict[str, Any]:
-    """Best matmul throughput (GFLOP/s) of this CPU in `dtype` with the current threads.
+    dtype: torch.dtype, shapes=PEAK_SHAPES, seconds: float = 1.0, rounds: int = 3,
+    device: str = "cpu",
+) -> dict[str, Any]:  # fmt: skip
+    """Best matmul throughput (GFLOP/s) of this CPU (or of the CUDA device, with `device`
+    "cuda": CUDA_PEAK_SHAPES unless given, timed with CUDA events) in `dtype`.
 
     Every shape runs `rounds` times, about `seconds` each, interleaved; the best round counts, so
     a busy moment on a shared machine lowers no shape's figure. A shape whose single call takes
@@ -123,16 +129,48 @@ def matmul_peak(
     """
     by_shape: dict[str, float] = {}
     too_slow: set[str] = set()
+    if device == "cuda" and shapes is PEAK_SHAPES:
+        shapes = CUDA_PEAK_SHAPES
     for _ in range(rounds):
         for m, k, n in shapes:
             name = f"{m}x{k}x{n}"
-            rate = None if name in too_slow else _matmul_rate(dtype, m, k, n, seconds)
+            if device == "cuda":
+                rate = _cuda_matmul_rate(dtype, m, k, n, seconds)
+            else:
+                rate = None if name in too_slow else _matmul_rate(dtype, m, k, n, seconds)
             if rate is None:
                 too_slow.add(name)
                 continue
             by_shape[name] = max(rate, by_shape.get(name, 0.0))
     return {"gflops": max(by_shape.values()), "by_shape": by_shape,
             "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _cuda_matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float) -> float:
+    """GFLOP/s of (m, k) @ (k, n) on the CUDA device, over at least `seconds`."""
+    a = torch.randn(m, k, device="cuda").to(dtype)
+    b = torch.randn(k, n, device="cuda").to(dtype)
+    return event_rate(lambda: torch.mm(a, b), 2 * m * k * n, seconds, torch.cuda)
+
+
+def event_rate(call, flops: int, seconds: float, cuda: Any) -> float:
+    """GFLOP/s of `call` (`flops` each) timed with CUDA events: one untimed call, then batches
+    of 1, 2, 4, ... calls between synchronizes until a batch takes `seconds` (launches queue up
+    inside a batch, so the GPU never waits on Python). `cuda` is torch.cuda or a stand-in."""
+    call()
+    calls = 1
+    while True:
+        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+        cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        cuda.synchronize()
+        elapsed = start.elapsed_time(end) / 1000.0  # ms -> s
+        if elapsed >= seconds:
+            return flops * calls / elapsed / 1e9
+        calls *= 2
 
 
 def _matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float) -> float | None:

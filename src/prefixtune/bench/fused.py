@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from prefixtune.bench.common import environment
@@ -76,23 +77,59 @@ def compare(name: str, plain: dict, fused: dict, peak: dict) -> dict[str, Any]:
     return row
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    runner = Runner("subprocess", args.threads, args.timeout)
-    configs = specs(args.model, args.dtypes, args.quick, args.iters)
+def measure_pairs(configs: dict[str, dict], runner: Callable[[dict], dict], rounds: int,
+                  peak_spec: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Every config unfused and fused, alternating round by round; then the matmul peak of
+    `peak_spec` (MFU) and the ratios. `runner` runs one spec (runner.Runner, or run_spec)."""
     runs: dict[str, list[dict]] = {f"{n}/{v}": [] for n in configs for v in ("unfused", "fused")}
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         order = ("unfused", "fused") if round_index % 2 == 0 else ("fused", "unfused")
         for name, spec in configs.items():
             for variant in order:
                 runs[f"{name}/{variant}"].append(runner({**spec, "fuse": variant == "fused"}))
-    peak = runner({"kind": "peak", "dtypes": args.dtypes, "quick": args.quick})
+    peak = runner(peak_spec)
     results = {key: _pooled(value) for key, value in runs.items()}
     rows = [compare(n, results[f"{n}/unfused"], results[f"{n}/fused"], peak) for n in configs]
     for result in results.values():
         result.pop("outputs", None)
+    return {"peak": peak, "comparisons": rows, "results": results}
+
+
+def suite_plan(models: list[str], dtypes: list[str], quick: bool, iters: int,
+               device: str = "cpu") -> tuple[dict[str, dict], dict[str, Any]]:  # fmt: skip
+    """`prefixtune bench --suite fused`: (the configs of every model, the peak spec), on
+    `device` (the CPU specs are the module's own)."""
+    on = {} if device == "cpu" else {"device": device}
+    configs = {name: {**spec, **on} for model in models
+               for name, spec in specs(model, dtypes, quick, iters).items()}  # fmt: skip
+    return configs, {"kind": "peak", "dtypes": dtypes, "quick": quick, **on}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The fused/unfused table of a report."""
+    lines = ["# Fused frozen projections (core/fuse.py)", "",
+             "| config | rate | unfused /s | fused /s | speedup | MFU unfused / fused | "
+             "same tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in report["comparisons"]:
+        if "error" in row:
+            lines.append(f"| {row['key']} | error: {row['error'][:120]} | | | | | |")
+            continue
+        mfu = (f"{row['mfu_unfused']:.1%} / {row['mfu_fused']:.1%}"
+               if "mfu_unfused" in row else "")  # fmt: skip
+        lines.append(f"| {row['key']} | {row['rate']} | {row['unfused']:.1f} | "
+                     f"{row['fused']:.1f} | {row['speedup']:.2f}x | {mfu} | "
+                     f"{row.get('same_tokens', '')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runner = Runner("subprocess", args.threads, args.timeout)
+    configs = specs(args.model, args.dtypes, args.quick, args.iters)
+    peak_spec = {"kind": "peak", "dtypes": args.dtypes, "quick": args.quick}
+    measured = measure_pairs(configs, runner, args.rounds, peak_spec)
     return {"meta": {**environment(), "threads": args.threads, "rounds": args.rounds,
                      "iters": args.iters, "quick": args.quick, "command": " ".join(sys.argv)},
-            "peak": peak, "comparisons": rows, "results": results}  # fmt: skip
+            **measured}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from prefixtune.bench.common import build_model, measure, prompt_rows, rates
+from prefixtune.bench import device as bench_device
+from prefixtune.bench.common import build_model, prompt_rows, rates
 from prefixtune.core.artifact import FoldedPrefix
 from prefixtune.core.fuse import fuse_projections
 
@@ -28,7 +29,8 @@ def random_prefix(model, length: int, seed: int) -> FoldedPrefix:
 
 
 def _setup(spec: dict[str, Any]):
-    model, _ = build_model(spec["model"], seed=spec.get("seed", 0))
+    model, _ = build_model(spec["model"], seed=spec.get("seed", 0),
+                           device=spec.get("device", "cpu"))  # fmt: skip
     model.config.use_cache = True
     if spec["dtype"] == "bf16":
         model.to(torch.bfloat16)
@@ -54,6 +56,8 @@ def _peft_generate(peft_model, rows, new_tokens: int, pad: int) -> list[list[int
     from prefixtune.generation.prefill import left_pad
 
     ids, mask = left_pad(rows, pad)
+    device = next(peft_model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)  # the CPU: the same tensors
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad)  # fmt: skip
@@ -75,6 +79,13 @@ def _peft_model(model, prefixes: list[FoldedPrefix], directory: Path, name: str)
     for i, path in enumerate(paths[1:], start=1):
         peft_model.load_adapter(path, adapter_name=f"t{i}")
     return peft_model.eval()
+
+
+def _measure(spec: dict[str, Any], step) -> dict[str, Any]:
+    """Time `step` on the spec's device (bench/device.py: SDPA flash/efficient on CUDA)."""
+    device = spec.get("device", "cpu")
+    with bench_device.attention_kernels(device):
+        return bench_device.measure(device, step, spec["iters"], spec["warmup"])
 
 
 def _result(result: dict[str, Any], outputs: list[list[int]], generated: int) -> dict[str, Any]:
@@ -106,7 +117,7 @@ def run_generate(spec: dict[str, Any]) -> dict[str, Any]:
             def step() -> None:
                 outputs["rows"] = _peft_generate(peft_model, rows, new_tokens, pad)
 
-        result = measure(step, spec["iters"], spec["warmup"])
+        result = _measure(spec, step)
     return _result(result, outputs["rows"], len(rows) * new_tokens)
 
 
@@ -134,5 +145,5 @@ def run_multitenant(spec: dict[str, Any]) -> dict[str, Any]:
                     done += _peft_generate(peft_model, [row], new_tokens, pad)
                 outputs["rows"] = done
 
-        result = measure(step, spec["iters"], spec["warmup"])
+        result = _measure(spec, step)
     return _result(result, outputs["rows"], len(rows) * new_tokens)

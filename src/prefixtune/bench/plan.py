@@ -8,6 +8,9 @@ from prefixtune.bench.report import COMPILED
 
 SUITES = ("train", "generate", "multitenant", "long", "mfu", "real", "kernels")
 OPT_IN_SUITES = ("quantize",)  # run only when named (not in "all"): bench/quantize.py
+# What `--device cuda` measures (scaling and fused run beside the plan: cli/bench.py); on CUDA
+# "all" means these, and naming another suite is an error.
+CUDA_SUITES = ("train", "generate", "multitenant", "long", "mfu")
 
 
 BENCH_MODELS = ("gpt2-small-random", "smollm2", "smollm2-random", "tiny-gpt2", "tiny-llama")
@@ -42,14 +45,29 @@ QUICK = {
 }  # fmt: skip
 
 
-def resolve_dtypes(requested: list[str]) -> tuple[list[str], str | None]:
-    """The dtypes to run, and a note when bf16 was left out because the CPU lacks it."""
+def cuda_suites(suites: list[str]) -> tuple[list[str], list[str]]:
+    """(the suites to run on CUDA, those "all" leaves out there); ValueError naming the suites
+    that do not measure on CUDA yet when they are asked for by name."""
+    if "all" in suites:
+        return list(CUDA_SUITES), [s for s in SUITES if s not in CUDA_SUITES]
+    other = [s for s in suites if s not in CUDA_SUITES]
+    if other:
+        raise ValueError(f"--device cuda: --suite {' '.join(other)} measures on the CPU only so "
+                         f"far (CUDA: scaling, fused, {', '.join(CUDA_SUITES)})")  # fmt: skip
+    return suites, []
+
+
+def resolve_dtypes(requested: list[str], device: str = "cpu") -> tuple[list[str], str | None]:
+    """The dtypes to run, and a note when bf16 was left out because the CPU lacks it. On CUDA
+    `auto` is bf16 (as for the scaling suite: bench/device.py)."""
     from prefixtune.core.runtime import native_bf16
 
     dtypes: list[str] = []
     note = None
     for name in requested:
-        if name == "auto":
+        if name == "auto" and device == "cuda":
+            dtypes.append("bf16")
+        elif name == "auto":
             dtypes.append("fp32")
             if native_bf16("cpu"):
                 dtypes.append("bf16")
@@ -82,12 +100,15 @@ def _train_specs(model: str, dtype: str, shapes: dict, base: dict,
 
 
 def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], quick: bool,
-               iters: int, warmup: int,
-               compile: bool = False) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+               iters: int, warmup: int, compile: bool = False,
+               device: str = "cpu") -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
     """(name, worker spec) for every configuration of the chosen suites, without repeats.
-    With `compile`, prefixtune's training configs also run under torch.compile (*-compiled)."""
+    With `compile`, prefixtune's training configs also run under torch.compile (*-compiled).
+    On CUDA every spec names its device (on the CPU the specs stay as they always were)."""
     shapes = QUICK if quick else FULL
     base = {"iters": iters, "warmup": warmup, "seed": 0, "mlp_hidden": shapes["mlp_hidden"]}
+    on = {} if device == "cpu" else {"device": device}
+    base.update(on)
     chosen = list(SUITES) if "all" in suites else suites
     plan: dict[str, dict[str, Any]] = {}
 
@@ -108,12 +129,12 @@ def build_plan(suites: list[str], models: list[str] | None, dtypes: list[str], q
                 plan[f"check/{model}/equal-loss"] = {
                     "kind": "equal_loss", "model": model, "prefix_len": shapes["train"]
                     ["prefix_lens"][0], "reparam": True, "mlp_hidden": base["mlp_hidden"],
-                    "batch": 2, "seq": 16, "seed": 0,
+                    "batch": 2, "seq": 16, "seed": 0, **on,
                 }  # fmt: skip
             for dtype in dtypes:
                 plan.update(_suite_specs(suite, model, dtype, shapes, base, compile))
         if suite == "mfu":
-            plan["mfu/peak"] = {"kind": "peak", "dtypes": ["fp32", "bf16"], "quick": quick}
+            plan["mfu/peak"] = {"kind": "peak", "dtypes": ["fp32", "bf16"], "quick": quick, **on}
     return list(plan.items())
 
 

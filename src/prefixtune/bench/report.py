@@ -252,6 +252,9 @@ def markdown(report: dict[str, Any]) -> str:
         ),  # fmt: skip
         "",
     ]
+    if meta.get("gpu"):
+        lines += [f"On {meta['gpu']} (--device cuda): CUDA-event timing, peak MB = "
+                  "torch.cuda.max_memory_allocated over the steps.", ""]  # fmt: skip
     if meta.get("iters", 0) < 5:
         lines += [
             f"**Only {meta.get('iters')} timed iterations: below the 5 the method asks "

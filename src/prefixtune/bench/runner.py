@@ -30,10 +30,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         from prefixtune.bench.flops import matmul_peak
         from prefixtune.core.models import dtype_named
 
+        device = spec.get("device", "cpu")  # CUDA: timed with events (flops.event_rate)
         if spec.get("quick"):
             shapes, seconds, rounds = ((128, 128, 128), (256, 64, 256)), 0.1, 1
-            return {n: matmul_peak(dtype_named(n), shapes, seconds, rounds) for n in spec["dtypes"]}
-        return {name: matmul_peak(dtype_named(name)) for name in spec["dtypes"]}
+            return {n: matmul_peak(dtype_named(n), shapes, seconds, rounds, device)
+                    for n in spec["dtypes"]}  # fmt: skip
+        return {name: matmul_peak(dtype_named(name), device=device) for name in spec["dtypes"]}
     if kind in ("train", "real", "equal_loss"):
         from prefixtune.bench import train as bench_train
 

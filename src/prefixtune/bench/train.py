@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from prefixtune.bench import device as bench_device
 from prefixtune.bench.common import (
     autocast,
     build_model,
@@ -60,6 +61,7 @@ def _setup(spec: dict[str, Any], model, batch):
     args = (spec["prefix_len"], spec["reparam"], spec["mlp_hidden"], spec.get("seed", 0))
     if impl == "ours":
         method = build_ours(model, *args)
+        method.module.to(model.device)  # the encoder is built on the CPU
         if ckpt:
             enable_gradient_checkpointing(model)
         return (lambda: method.loss(batch)), list(method.parameters())
@@ -85,10 +87,13 @@ def _setup(spec: dict[str, Any], model, batch):
 
 
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
-    """One optimizer step (forward, backward, AdamW) on a fixed B x T batch, timed."""
-    model, _ = build_model(spec["model"], seed=spec.get("seed", 0))
+    """One optimizer step (forward, backward, AdamW) on a fixed B x T batch, timed on the
+    spec's device (the CPU unless it names "cuda": bench/device.py)."""
+    device = spec.get("device", "cpu")
+    model, _ = build_model(spec["model"], seed=spec.get("seed", 0), device=device)
     batch = synthetic_batch(model.config.vocab_size, spec["batch"], spec["seq"],
                             target_tail=spec.get("target_tail", 0), seed=spec.get("seed", 0))  # fmt: skip
+    batch = bench_device.on_device(batch, device)
     try:
         loss_fn, params = _setup(spec, model, batch)
     except ValueError as err:
@@ -100,12 +105,12 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("compile"):
         from prefixtune.core.runtime import compiled
 
-        loss_fn = compiled(loss_fn, torch.device("cpu"))
+        loss_fn = compiled(loss_fn, torch.device(device))
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     last = {}
 
     def step() -> None:
-        with autocast(spec["dtype"]):
+        with autocast(spec["dtype"], device):
             loss = loss_fn()
         loss.backward()
         if optimizer is not None:
@@ -113,8 +118,8 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
         last["loss"] = float(loss.detach())
 
-    with _as_trainer_casts(spec, model):
-        result = measure(step, spec["iters"], spec["warmup"])
+    with _as_trainer_casts(spec, model), bench_device.attention_kernels(device):
+        result = bench_device.measure(device, step, spec["iters"], spec["warmup"])
     tokens = int(batch["attention_mask"].sum())
     targets = int(target_positions(model, batch["labels"])[0].sum())
     impl = spec["impl"]
@@ -263,11 +268,14 @@ def run_equal_loss(spec: dict[str, Any]) -> dict[str, Any]:
 
     from prefixtune.bench.common import copy_peft_weights
 
-    model, _ = build_model(spec["model"], seed=spec.get("seed", 0))
+    device = spec.get("device", "cpu")
+    model, _ = build_model(spec["model"], seed=spec.get("seed", 0), device=device)
     batch = synthetic_batch(model.config.vocab_size, spec["batch"], spec["seq"], seed=1)
+    batch = bench_device.on_device(batch, device)
     args = (spec["prefix_len"], spec["reparam"], spec["mlp_hidden"], spec.get("seed", 0))
     peft_model = build_peft(copy.deepcopy(model), *args)
     method = build_ours(model, *args)
+    method.module.to(model.device)
     copy_peft_weights(method, peft_model)
     with torch.no_grad():
         ours, theirs = float(method.loss(batch)), float(peft_model(**batch).loss)

@@ -11,6 +11,9 @@ configuration runs in its own worker process (forked from a server that has only
 libraries), timed as the median of --iters iterations after --warmup, with its peak resident
 memory; by default a second, untimed worker per config measures the peak again with exact
 malloc (reproducible). Timings are never asserted anywhere; see docs/PERFORMANCE.md.
+Beside the plan: scaling (cli/bench_scaling.py) and fused (fused vs unfused frozen projections,
+cli/bench_fused.py), each written beside --out. `--device cuda` (bench/device.py) measures
+scaling, fused, train, generate, multitenant, long and mfu on the GPU.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--suite",
         nargs="+",
-        choices=(*SUITES, *SCALING_SUITES, *OPT_IN_SUITES, "all"),
+        choices=(*SUITES, *SCALING_SUITES, "fused", *OPT_IN_SUITES, "all"),
         default=["all"],
-        help="what to measure (default: all; quantize, int8 base vs fp32, only when named)",
+        help="what to measure (default: all; only when named: quantize, int8 base vs fp32; "
+        "scaling; fused, fused frozen projections vs unfused, written beside --out)",
     )
     parser.add_argument(
         "--model",
@@ -51,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "fp32", "bf16"),
         default=["auto"],
         help="autocast dtypes; auto = fp32, plus bf16 where the CPU has native "
-        "bf16 (it is emulated, 6-30x slower, on AVX2-only CPUs)",
+        "bf16 (it is emulated, 6-30x slower, on AVX2-only CPUs); bf16 with --device cuda",
     )
     parser.add_argument(
         "--quick",
@@ -121,7 +125,8 @@ def _add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "cuda"),
         default="cpu",
         help="where to measure: cpu, or cuda (CUDA-event timing, max_memory_allocated, SDPA "
-        "flash/efficient kernels, bf16 for --dtypes auto); --suite scaling only so far",
+        "flash/efficient kernels, bf16 for --dtypes auto, MFU against the GPU's measured "
+        "matmul peak): suites scaling, fused, train, generate, multitenant, long, mfu",
     )
     parser.add_argument(
         "--memory-budget-gb",
@@ -197,18 +202,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise ConfigError("--iters and --rounds must be >= 1 and --warmup >= 0")
+    device, left_out = _device_and_suites(args)  # one clear error before anything runs
+    failed = 0
     if "scaling" in args.suite:
         from prefixtune.cli.bench_scaling import run_scaling_suite
 
         failed = run_scaling_suite(args)
-        args.suite = [s for s in args.suite if s != "scaling"]
-        if not args.suite:
-            return failed
-    if args.device != "cpu":
-        raise ConfigError(f"--device {args.device}: only --suite scaling measures there so far")
-    dtypes, note = resolve_dtypes(args.dtypes)
+    dtypes, note = resolve_dtypes(args.dtypes, device)
+    if "fused" in args.suite:
+        from prefixtune.cli.bench_fused import run_fused_suite
+
+        failed = max(failed, run_fused_suite(args, device, dtypes))
+    args.suite = [s for s in args.suite if s not in ("scaling", "fused")]
+    if not args.suite:
+        return failed
     plan = build_plan(args.suite, args.model, dtypes, args.quick, args.iters, args.warmup,
-                      args.compile)  # fmt: skip
+                      args.compile, device)  # fmt: skip
     if args.only:
         plan = [(name, spec) for name, spec in plan if any(part in name for part in args.only)]
     threads = args.threads or (1 if args.quick else 0)  # tiny ops: thread spin costs dominate
@@ -222,11 +231,16 @@ def run(args: argparse.Namespace) -> int:
             "isolation": args.isolation, "dtypes": dtypes, "dtype_note": note,
             "memory_pass": args.memory_pass, "rounds": args.rounds,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    if device == "cuda":  # the CPU's meta stays as it always was
+        import torch
+
+        meta.update(device=device, gpu=torch.cuda.get_device_name(0), memory_pass=False,
+                    suites_left_out=left_out)  # fmt: skip
     results: dict[str, Any] = {}
     for round_no in range(1, args.rounds + 1):
         for i, (name, spec) in enumerate(plan, start=1):
             result = runner(spec)
-            if args.memory_pass and "median_s" in result and spec["kind"] in TIMED:
+            if meta["memory_pass"] and "median_s" in result and spec["kind"] in TIMED:
                 result.update(memory_pass(runner, spec))
             if name in results:
                 result = pool_rounds(results[name], result)
@@ -235,5 +249,29 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label} {_line(name, result)}", flush=True)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_report(meta, results, Path(args.out))
-    failed = [n for n, r in results.items() if "error" in r]
-    return 1 if failed else 0
+    errors = [n for n, r in results.items() if "error" in r]
+    return 1 if errors or failed else 0
+
+
+def _device_and_suites(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The checked --device; on CUDA the plan's suites ("all": those that measure there) and the
+    ones left out. One ConfigError for a device this machine lacks or a suite it cannot run."""
+    from prefixtune.bench import device as bench_device
+    from prefixtune.bench.plan import cuda_suites
+    from prefixtune.config import ConfigError
+
+    try:
+        device = bench_device.check_device(args.device)
+    except bench_device.DeviceError as err:
+        raise ConfigError(str(err)) from err
+    if device == "cpu":
+        return device, []
+    side = [s for s in args.suite if s in ("scaling", "fused")]
+    try:
+        suites, left_out = cuda_suites([s for s in args.suite if s not in side])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    args.suite = side + suites
+    if left_out:
+        print(f"--device cuda: --suite all leaves out {', '.join(left_out)} (CPU only so far)")
+    return device, left_out
