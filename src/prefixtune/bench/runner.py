@@ -12,8 +12,9 @@ from typing import Any
 
 RESULT_MARK = "BENCH_RESULT "
 TIMED = ("train", "real", "generate", "multitenant", "quantize_train", "quantize_decode")
-PRELOAD = ["torch", "transformers", "peft", "prefixtune.bench.train", "prefixtune.bench.generate",
-           "prefixtune.bench.flops", "prefixtune.training.trainer", "prefixtune.generation.engine",
+# prefixtune first: its package silences import-time noise before transformers imports torchao.
+PRELOAD = ["prefixtune", "torch", "transformers", "peft", "prefixtune.bench.train",
+           "prefixtune.bench.generate", "prefixtune.bench.flops", "prefixtune.training.trainer", "prefixtune.generation.engine",
            "prefixtune.interop.peft", "prefixtune.bench.scaling_worker"]  # fmt: skip
 
 
