@@ -287,3 +287,14 @@ def test_bench_device_cuda_on_this_machine_is_one_config_error(tmp_path):
         with pytest.raises(ConfigError, match="--device cuda"):
             bench.run(args)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", True), ("cuda", False)])
+def test_exact_malloc_reaches_every_cpu_point(device, expected):
+    """The worker applies exact malloc (bench.runner._guarded) when its spec asks: on the CPU the
+    budget then holds live tensors; CUDA's allocator is measured as it is."""
+    curves = build_curves(True, device, "fp32", iters=1, warmup=0, exact_malloc=True)
+    specs = [spec for points in curves.values() for _, spec in points]
+    assert specs and all(spec["exact_malloc"] is expected for spec in specs)
+    plain = build_curves(True, device, "fp32", iters=1, warmup=0)
+    assert not any(spec["exact_malloc"] for points in plain.values() for _, spec in points)

@@ -27,7 +27,7 @@ MODEL_SIZES = [_llama(576, 30, 1536, 3), _llama(960, 32, 2560, 5), _llama(1280, 
 TINY_SIZES = [TINY, {**TINY, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3}]
 
 FULL = {
-    "input_length": {"values": [128 * 2**i for i in range(7)], "batch": 1, "prefix_len": 10},
+    "input_length": {"values": [128 * 2**i for i in range(8)], "batch": 1, "prefix_len": 10},
     "prefix_length": {"values": [1, 2, 8, 64, 512], "seq": 128, "batch": 4},
     "batch": {"values": [2**i for i in range(7)], "seq": 128, "prefix_len": 10},
     "tenants": {"values": [2**i for i in range(8)], "prefix_len": 10, "prompt_len": 16,
@@ -73,10 +73,13 @@ def curve_points(dim: str, variant: str, grid: dict, base: dict) -> list[tuple[f
 
 
 def build_curves(quick: bool, device: str, dtype: str, iters: int, warmup: int,
-                 dimensions: tuple[str, ...] = DIMENSIONS) -> dict[str, list]:  # fmt: skip
-    """{"dim/variant": [(x, spec), ...]} for the chosen dimensions."""
+                 dimensions: tuple[str, ...] = DIMENSIONS,
+                 exact_malloc: bool = False) -> dict[str, list]:  # fmt: skip
+    """{"dim/variant": [(x, spec), ...]} for the chosen dimensions; `exact_malloc` runs every
+    CPU point with `bench.common.exact_malloc` (peaks follow live tensors)."""
     grid = QUICK if quick else FULL
-    base = {"device": device, "dtype": dtype, "iters": iters, "warmup": warmup, "seed": 0}
+    base = {"device": device, "dtype": dtype, "iters": iters, "warmup": warmup, "seed": 0,
+            "exact_malloc": exact_malloc and device == "cpu"}  # fmt: skip
     return {f"{dim}/{variant}": curve_points(dim, variant, grid, base)
             for dim in dimensions for variant in VARIANTS.get(dim, ("ours", "peft"))}  # fmt: skip
 

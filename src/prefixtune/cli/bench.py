@@ -149,6 +149,14 @@ def _add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(DIMENSIONS),
         help="scaling: which dimensions to grow (default: all)",
     )
+    parser.add_argument(
+        "--exact-malloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scaling on the CPU: run each point with glibc returning freed blocks to the OS at "
+        "once, so the measured peak and the --memory-budget-gb limit follow live tensors, not "
+        "what the default allocator keeps (steps run a little slower, for every tool alike)",
+    )
 
 
 def _line(name: str, result: dict[str, Any]) -> str:

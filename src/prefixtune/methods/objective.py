@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from prefixtune.core.attention import PrefixKV, position_ids_for
@@ -66,12 +67,46 @@ def target_positions(model: PreTrainedModel, labels: Tensor) -> tuple[Tensor, Te
 def target_loss(
     model: PreTrainedModel, hidden: Tensor, labels: Tensor, *, reduction: str = "mean"
 ) -> Tensor:
-    """Cross-entropy over target tokens; the LM head runs on those positions only."""
+    """Cross-entropy over target tokens; the LM head runs on those positions only, and in
+    chunks (`chunked_head_loss`) when the targets' logits would be large."""
     mask, targets = target_positions(model, labels)
-    logits = lm_logits(model, hidden[mask])  # (N, V) for the N target tokens only
-    if reduction in ("mean", "sum") and not torch.compiler.is_compiling():
+    picked = hidden[mask]  # (N, d) for the N target tokens only
+    fused_ce = reduction in ("mean", "sum") and not torch.compiler.is_compiling()
+    if fused_ce and len(targets) * lm_vocab_size(model) > HEAD_CHUNK_ABOVE_VALUES:
+        return chunked_head_loss(model, picked, targets, mean=reduction == "mean")
+    logits = lm_logits(model, picked)  # (N, V)
+    if fused_ce:
         return TargetCrossEntropy.apply(logits.float(), targets, reduction == "mean")
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+HEAD_CHUNK_VALUES = 2**24  # logits per LM-head chunk: 64 MiB of fp32
+HEAD_CHUNK_ABOVE_VALUES = 2**26  # chunk once a batch's target logits pass 256 MiB of fp32
+
+
+def lm_vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output embedding: the width of the logits."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def chunked_head_loss(model: PreTrainedModel, hidden: Tensor, targets: Tensor, *, mean: bool):
+    """LM head + cross-entropy over row chunks of (N, d) `hidden`, each chunk checkpointed: the
+    forward keeps only each chunk's loss and backward recomputes one chunk's (rows, V) logits at a
+    time, so at most HEAD_CHUNK_VALUES logits live at once instead of N x V. This costs one more
+    LM-head matmul over the targets; long inputs labelled everywhere (N in the thousands, V ~50k)
+    otherwise spend more memory on logits than on the whole checkpointed backbone."""
+    rows = max(1, HEAD_CHUNK_VALUES // lm_vocab_size(model))
+    chunks = zip(hidden.split(rows), targets.split(rows), strict=True)
+    if torch.is_grad_enabled():
+        losses = [checkpoint(_head_loss_sum, model, h, t, use_reentrant=False) for h, t in chunks]
+    else:
+        losses = [_head_loss_sum(model, h, t) for h, t in chunks]
+    total = torch.stack(losses).sum()
+    return total / max(len(targets), 1) if mean else total
+
+
+def _head_loss_sum(model: PreTrainedModel, hidden: Tensor, targets: Tensor) -> Tensor:
+    return TargetCrossEntropy.apply(lm_logits(model, hidden).float(), targets, False)
 
 
 CE_CHUNK_VALUES = 2**18  # logits per chunk (1 MiB of fp32): each chunk's passes stay in cache
