@@ -89,7 +89,9 @@ def lm_vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def chunked_head_loss(model: PreTrainedModel, hidden: Tensor, targets: Tensor, *, mean: bool):
+def chunked_head_loss(
+    model: PreTrainedModel, hidden: Tensor, targets: Tensor, *, mean: bool
+) -> Tensor:
     """LM head + cross-entropy over row chunks of (N, d) `hidden`, each chunk checkpointed: the
     forward keeps only each chunk's loss and backward recomputes one chunk's (rows, V) logits at a
     time, so at most HEAD_CHUNK_VALUES logits live at once instead of N x V. This costs one more
