@@ -298,3 +298,17 @@ def test_exact_malloc_reaches_every_cpu_point(device, expected):
     assert specs and all(spec["exact_malloc"] is expected for spec in specs)
     plain = build_curves(True, device, "fp32", iters=1, warmup=0)
     assert not any(spec["exact_malloc"] for points in plain.values() for _, spec in points)
+
+
+def test_a_flat_memory_curve_is_not_extrapolated_to_absurd_lengths():
+    """Step memory that barely grows would 'reach' the budget at astronomic lengths: past 100x the
+    longest input measured the report says it cannot tell instead of printing a number."""
+    points = [{"x": x, "result": {"median_s": 0.01 * x, "peak_rss_mb": 1000.0 + x ** 0.05,
+                                  "step_extra_mb": x ** 0.05, "rss_before_mb": 1000.0}}
+              for x in (16, 32, 64)]  # fmt: skip
+    curves = {"input_length/peft": {"points": points, "stopped": "end of the grid",
+                                    "stopped_at": None}}  # fmt: skip
+    found = memory_limits(curves, fits(curves), budget_mb=8192)
+    assert found == {"input_length/peft": None}
+    report = {"meta": {"device": "cpu"}, "curves": curves, **summarise(curves, 8192)}
+    assert "beyond 100x the longest input measured" in markdown(report)

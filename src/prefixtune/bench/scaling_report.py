@@ -61,17 +61,22 @@ def headline(curves: dict[str, Any], budget_mb: float) -> dict[str, Any]:
             "met": ratio is not None and ratio >= 4}  # fmt: skip
 
 
+EXTRAPOLATE_AT_MOST = 100  # times the longest input measured: farther, a fit says nothing
+
+
 def memory_limits(curves: dict[str, Any], fitted: dict[str, Any],
-                  budget_mb: float) -> dict[str, float]:  # fmt: skip
+                  budget_mb: float) -> dict[str, float | None]:  # fmt: skip
     """Per input-length curve, the length where the fitted step memory (c * T^k over what the
-    process held before the step) would reach the budget: an extrapolation, not a measurement."""
-    out = {}
+    process held before the step) would reach the budget: an extrapolation, not a measurement.
+    None where that lies beyond EXTRAPOLATE_AT_MOST x the longest input measured."""
+    out: dict[str, float | None] = {}
     for name, curve in curves.items():
         fit = fitted[name]["step_extra_mb"]
         if not name.startswith("input_length/") or not fit or fit["exponent"] <= 0:
             continue
         room = budget_mb - curve["points"][-1]["result"]["rss_before_mb"]
-        out[name] = (room / fit["coefficient"]) ** (1 / fit["exponent"]) if room > 0 else 0.0
+        length = (room / fit["coefficient"]) ** (1 / fit["exponent"]) if room > 0 else 0.0
+        out[name] = length if length <= EXTRAPOLATE_AT_MOST * curve["points"][-1]["x"] else None
     return out
 
 
@@ -103,8 +108,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {tool}: {best['longest']:g} tokens ({best['variant']}, peak "
                      f"{best['peak_mb']:.0f} MB; next point: {best['stopped']})")  # fmt: skip
     for name, length in report.get("extrapolated_longest_input", {}).items():
-        lines.append(f"- {name}: the fitted step memory reaches the budget near {length:,.0f} "
-                     "tokens (extrapolated, not measured)")  # fmt: skip
+        where = (
+            f"near {length:,.0f} tokens"
+            if length is not None
+            else f"beyond {EXTRAPOLATE_AT_MOST}x the longest input measured, too far to say"
+        )
+        lines.append(f"- {name}: the fitted step memory reaches the budget {where} "
+                     "(extrapolated, not measured)")  # fmt: skip
     if head["ratio"] is not None:
         verdict = "met" if head["met"] else "not met"
         lines.append(f"- ratio {head['ratio']:.1f}x (target {head['target']}: {verdict})")
