@@ -57,6 +57,8 @@ def test_tiny_experiment_tunes_on_dev_writes_committed_results_and_resumes(model
     assert main([*argv, "--report-only"]) == 0  # trains nothing, reports the finished run
     assert "1 of 2 runs finished" in (out / "results.md").read_text()
     assert [r["length"] for r in csv.DictReader((out / "results.csv").open())] == ["1"]
+    assert main([*argv, "--cells", "len1", "--report-only"]) == 0  # the command names the cells
+    assert "--cells len1`" in (out / "results.md").read_text()
 
 
 def test_report_only_without_finished_runs_is_one_clear_error(tmp_path, capsys):

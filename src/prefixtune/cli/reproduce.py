@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     command = f"prefixtune reproduce {args.experiment} --scale {args.scale}"
     if args.model:
         command += f" --model {args.model}"
+    if args.cells:
+        command += f" --cells {args.cells}"
     planned = sum(len(pairs_of(c, scale)) for c in cells)
     claims = _claims(args, cells, rows, ctx, scale)
     text = report(args.experiment, args.scale, rows, ctx.out, command, planned=planned,
