@@ -310,5 +310,8 @@ def test_a_flat_memory_curve_is_not_extrapolated_to_absurd_lengths():
                                     "stopped_at": None}}  # fmt: skip
     found = memory_limits(curves, fits(curves), budget_mb=8192)
     assert found == {"input_length/peft": None}
+    flatter = [{**p, "result": {**p["result"], "step_extra_mb": p["x"] ** 1e-3}} for p in points]
+    curves_flatter = {"input_length/peft": {**curves["input_length/peft"], "points": flatter}}
+    assert memory_limits(curves_flatter, fits(curves_flatter), 8192) == {"input_length/peft": None}
     report = {"meta": {"device": "cpu"}, "curves": curves, **summarise(curves, 8192)}
     assert "beyond 100x the longest input measured" in markdown(report)

@@ -75,8 +75,12 @@ def memory_limits(curves: dict[str, Any], fitted: dict[str, Any],
         if not name.startswith("input_length/") or not fit or fit["exponent"] <= 0:
             continue
         room = budget_mb - curve["points"][-1]["result"]["rss_before_mb"]
-        length = (room / fit["coefficient"]) ** (1 / fit["exponent"]) if room > 0 else 0.0
-        out[name] = length if length <= EXTRAPOLATE_AT_MOST * curve["points"][-1]["x"] else None
+        if room <= 0:
+            out[name] = 0.0
+            continue
+        log_length = math.log(room / fit["coefficient"]) / fit["exponent"]  # no float overflow
+        far = log_length > math.log(EXTRAPOLATE_AT_MOST * curve["points"][-1]["x"])
+        out[name] = None if far else math.exp(log_length)
     return out
 
 
