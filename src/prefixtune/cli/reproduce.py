@@ -2,7 +2,8 @@
 
 Experiments: lowdata (Figure 3), length (Figure 4), init (Figure 5), table1, table1-webnlg and
 table1-dart (Table 1), xsum and xsum-sports (Tables 2-3). Two phases: the LR tuning runs (dev
-only), then every seed run at its cell's chosen LR (test). Each run's result is a file under
+only; a grid whose best value is at an edge grows past it, round by round), then every seed run
+at its cell's chosen LR (test). Each run's result is a file under
 docs/results/<experiment>/ (tune/, runs/: commit them); a run with its file is never redone,
 and training resumes from its checkpoint under runs/reproduce/. The report
 (results.md, results.csv, <experiment>.png) is built from the result files alone.
@@ -98,13 +99,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(Path(args.runs) / f"{name}-{args.scale}", Path(args.results) / name,
                   args.scale, args.model)  # fmt: skip
     cells = _selected(GRIDS[args.experiment](scale), args.cells)
-    tuning = tuning_runs(cells, scale)
-    if args.report_only:
-        tuned = {s.name: row for s in tuning if (row := finished(s, ctx)) is not None}
-    else:
-        print(f"phase 1: {len(tuning)} tuning runs (dev only)", flush=True)
-        rows = run_all(tuning, ctx, args.jobs, args.executor)
-        tuned = {s.name: row for s, row in zip(tuning, rows, strict=True)}
+    tuned = _tune(args, cells, scale, ctx)
     seeds = seed_runs(cells, tuned, scale)
     if args.report_only:
         rows = [row for s in seeds if (row := finished(s, ctx)) is not None]
@@ -124,6 +119,27 @@ def run(args: argparse.Namespace) -> int:
                   claims=claims, tuning=tuning_table(rows))  # fmt: skip
     print(text)
     return 0
+
+
+def _tune(args, cells: list, scale: dict, ctx: Context) -> dict[str, dict]:
+    """Phase 1: the tuning rows by run name. A round trains every grid value not yet run; a grid
+    whose best value sits at an edge then grows past it, and the next round trains that value.
+    --report-only trains nothing and reads the rows that are there."""
+    tuned: dict[str, dict] = {}
+    round_ = 0
+    while True:  # ends: each round adds rows, and a grid grows by at most lr_extend values
+        round_ += 1
+        todo = [s for s in tuning_runs(cells, scale, tuned) if s.name not in tuned]
+        if args.report_only:
+            rows = [(s, row) for s in todo if (row := finished(s, ctx)) is not None]
+        elif todo:
+            print(f"phase 1, round {round_}: {len(todo)} tuning runs (dev only)", flush=True)
+            rows = list(zip(todo, run_all(todo, ctx, args.jobs, args.executor), strict=True))
+        else:
+            rows = []
+        if not rows:
+            return tuned
+        tuned.update((s.name, row) for s, row in rows)
 
 
 def _claims(args, cells, rows, ctx: Context, scale: dict) -> str:

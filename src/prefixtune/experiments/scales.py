@@ -8,7 +8,8 @@ full: a GPU; the paper's settings (10 epochs, beam 5, every test input).
 
 test = 0 scores every input of the test split. Learning rates are picked on dev (never test):
 each grid value trains once with seed 0 and the lowest dev loss (or the highest dev BLEU when
-select = "dev_bleu") wins; the other seeds then train at that value.
+select = "dev_bleu") wins; the other seeds then train at that value. A best value at an edge of
+the grid adds the next value past it (the ratio of the two edge values), up to lr_extend more.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from typing import Any
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 3, "test": 4, "dev": 4, "seeds": 1, "sizes": (8, 16), "batch": 2,
              "new_tokens": 8, "beams": 1, "source_tokens": 40, "target_tokens": 16, "patience": 0,
-             "train_size": 32, "lr_values": 2, "dev_bleu": 2, "select": "dev_loss"},
+             "train_size": 32, "lr_values": 2, "lr_extend": 0, "dev_bleu": 2, "select": "dev_loss"},
     "cpu": {"steps": 300, "test": 0, "dev": 200, "seeds": 3, "sizes": (50, 100, 200, 500),
             "batch": 8, "new_tokens": 64, "beams": 5, "source_tokens": 128, "target_tokens": 64,
-            "patience": 3, "train_size": 2000, "lr_values": 3, "dev_bleu": 0,
+            "patience": 3, "train_size": 2000, "lr_values": 3, "lr_extend": 2, "dev_bleu": 0,
             "select": "dev_loss"},
     "small": {"steps": 150, "test": 100, "dev": 100, "seeds": 2, "sizes": (50, 100, 200, 500),
               "batch": 8, "new_tokens": 64, "beams": 1, "source_tokens": 128, "target_tokens": 64,
-              "patience": 3, "train_size": 2000, "lr_values": 3, "dev_bleu": 0,
+              "patience": 3, "train_size": 2000, "lr_values": 3, "lr_extend": 0, "dev_bleu": 0,
               "select": "dev_loss"},
     "full": {"steps": 0, "test": 0, "dev": 500, "seeds": 5, "sizes": (50, 100, 200, 500),
              "batch": 5, "new_tokens": 100, "beams": 5, "source_tokens": 256, "target_tokens": 128,
-             "patience": 0, "train_size": 0, "lr_values": 3, "dev_bleu": 200,
+             "patience": 0, "train_size": 0, "lr_values": 3, "lr_extend": 2, "dev_bleu": 200,
              "select": "dev_loss"},
 }  # fmt: skip
 

@@ -111,6 +111,12 @@ def claims_table(comparisons: list[Comparison], rows: list[dict[str, Any]], out:
             "compared.\n")  # fmt: skip
 
 
+def _edge_note(record: dict[str, Any]) -> str:
+    """Which values were added past an edge, and whether the pick is still at one."""
+    note = f" (grid extended by {', '.join(record['extended'])})" if record.get("extended") else ""
+    return note + (" (still at the grid's edge)" if record.get("at_edge") else "")
+
+
 def tuning_table(rows: list[dict[str, Any]]) -> str:
     """Per cell: every LR's dev scores and the value chosen (from the seed runs' records)."""
     lines, seen = [], set()
@@ -128,7 +134,7 @@ def tuning_table(rows: list[dict[str, Any]]) -> str:
             {
                 "cell": row["cell"],
                 "dev loss per LR": grid,
-                "chosen": f"{record['lr']:g}",
+                "chosen": f"{record['lr']:g}" + _edge_note(record),
                 "selected by": record["selected_by"],
             }
         )
